@@ -1,0 +1,142 @@
+"""ATME: asymmetric token merging that keeps patch tokens on a rectangular grid.
+
+A merge step removes `count` grid lines (columns or rows). Lines alternate between destinations
+(even index) and sources (odd index); each source is compared with its two neighbours by the mean
+cosine similarity of their attention keys, picks the closer one, and the `count` most similar
+sources are folded into their neighbour as a size-weighted average. The result is an
+`h x (w - count)` grid in the original order, so shapes depend only on (h, w, count).
+
+Every function here is batched tensor code: no Python loop over tokens or images.
+Tensors on the grid are laid out `(B, h, w, C)`; line sizes are `(B, lines)` float tensors that
+count how many original patch rows/columns each line covers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+AXIS_DIM = {"rows": 1, "cols": 2}
+
+
+def line_similarity(keys: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean cosine similarity of each pair of adjacent lines along `dim`: `(B, lines - 1)`."""
+    k = F.normalize(keys.float(), dim=-1)
+    lines = k.shape[dim]
+    pair = (k.narrow(dim, 0, lines - 1) * k.narrow(dim, 1, lines - 1)).sum(-1)
+    return pair.mean(dim=3 - dim)  # average over the other spatial axis
+
+
+def assign_lines(similarity: torch.Tensor, count: int) -> torch.Tensor:
+    """Where each line goes: `(B, lines)` index of its line in the merged grid.
+
+    Sources are the odd lines; each picks its more similar neighbour, and the `count` sources with
+    the highest similarity are merged into that neighbour. All other lines keep their order.
+    """
+    batch, lines = similarity.shape[0], similarity.shape[1] + 1
+    device = similarity.device
+    src = torch.arange(1, lines, 2, device=device)
+    padded = F.pad(similarity, (0, 1), value=float("-inf"))  # the last source may lack a right neighbour
+    left, right = similarity[:, src - 1], padded[:, src]
+    go_right = right > left
+    score = torch.maximum(left, right)
+    chosen = score.topk(count, dim=1).indices  # (B, count) positions among sources
+    chosen_src = src[chosen]
+    chosen_dst = chosen_src + torch.where(go_right.gather(1, chosen), 1, -1)
+    dest = torch.arange(lines, device=device).expand(batch, lines).clone()
+    dest.scatter_(1, chosen_src, chosen_dst)
+    kept = torch.ones(batch, lines, dtype=torch.long, device=device)
+    kept.scatter_(1, chosen_src, 0)
+    new_index = kept.cumsum(1) - 1
+    return new_index.gather(1, dest)
+
+
+def merge_lines(
+    x: torch.Tensor, line_sizes: torch.Tensor, target: torch.Tensor, dim: int, out_lines: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of grid lines that share a target; returns (grid, new line sizes).
+
+    Within one row, tokens of a column merge weighted by their column widths (the row height is a
+    common factor), so line sizes are all the weights needed.
+    """
+    shape = [1, 1, 1, 1]
+    shape[0], shape[dim] = line_sizes.shape
+    weights = line_sizes.view(shape).to(x.dtype)
+    index = target.view(shape).expand_as(x)
+    out_shape = list(x.shape)
+    out_shape[dim] = out_lines
+    summed = x.new_zeros(out_shape).scatter_add_(dim, index, x * weights)
+    new_sizes = line_sizes.new_zeros(line_sizes.shape[0], out_lines).scatter_add_(1, target, line_sizes)
+    shape[dim] = out_lines
+    return summed / new_sizes.view(shape).to(x.dtype), new_sizes
+
+
+class TokenGrid(NamedTuple):
+    """Per-image layout of the patch tokens after merging.
+
+    `row_height`/`col_width` are None until the first merge (every line covers one patch line).
+    """
+
+    prefix: int
+    h: int
+    w: int
+    row_height: Optional[torch.Tensor] = None
+    col_width: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None  # proportional-attention bias, computed once per merge
+
+    @property
+    def merged(self) -> bool:
+        return self.row_height is not None
+
+    def token_sizes(self) -> Optional[torch.Tensor]:
+        """`(B, h*w)` number of original patches each patch token stands for; None if unmerged."""
+        if not self.merged:
+            return None
+        return (self.row_height[:, :, None] * self.col_width[:, None, :]).flatten(1)
+
+    def with_bias(self, dtype: torch.dtype) -> "TokenGrid":
+        """Proportional attention: `log(size)` added to every key's logit, as a `(B, 1, 1, N)` float
+        `attn_mask` for `scaled_dot_product_attention`, which keeps the fused kernel."""
+        bias = F.pad(self.token_sizes().log(), (self.prefix, 0))
+        return self._replace(bias=bias.to(dtype)[:, None, None, :])
+
+    def merge(self, x: torch.Tensor, keys: torch.Tensor, axis: str, count: int) -> tuple[torch.Tensor, "TokenGrid"]:
+        """Remove `count` lines along `axis` from tokens `x` (B, N, C) using `keys` (B, N, d)."""
+        batch, _, channels = x.shape
+        p, h, w = self.prefix, self.h, self.w
+        dim = AXIS_DIM[axis]
+        grid = x[:, p:].reshape(batch, h, w, channels)
+        key_grid = keys[:, p:].reshape(batch, h, w, keys.shape[-1])
+        rows, cols = self.row_height, self.col_width
+        if rows is None:
+            rows = x.new_ones(batch, h, dtype=torch.float32)
+            cols = x.new_ones(batch, w, dtype=torch.float32)
+        sizes = rows if dim == 1 else cols
+        target = assign_lines(line_similarity(key_grid, dim), count)
+        merged, new_sizes = merge_lines(grid, sizes, target, dim, sizes.shape[1] - count)
+        if dim == 1:
+            out_grid = TokenGrid(p, h - count, w, new_sizes, cols)
+        else:
+            out_grid = TokenGrid(p, h, w - count, rows, new_sizes)
+        tokens = torch.cat([x[:, :p], merged.reshape(batch, -1, channels)], dim=1)
+        return tokens, out_grid.with_bias(x.dtype)
+
+    def unmerge(self, x: torch.Tensor, full_h: int, full_w: int) -> torch.Tensor:
+        """Patch tokens `(B, N, C)` back to the full `(B, full_h, full_w, C)` map: each token is
+        repeated over the original rows and columns it covers."""
+        batch, _, channels = x.shape
+        grid = x[:, self.prefix:].reshape(batch, self.h, self.w, channels)
+        if not self.merged:
+            return grid
+        rows = _cover_index(self.row_height, full_h)
+        cols = _cover_index(self.col_width, full_w)
+        grid = grid.gather(1, rows[:, :, None, None].expand(batch, full_h, self.w, channels))
+        return grid.gather(2, cols[:, None, :, None].expand(batch, full_h, full_w, channels))
+
+
+def _cover_index(line_sizes: torch.Tensor, full: int) -> torch.Tensor:
+    """For each original line, the index of the merged line that covers it: `(B, full)`."""
+    ends = line_sizes.cumsum(1)
+    positions = torch.arange(full, device=line_sizes.device, dtype=ends.dtype).expand(ends.shape[0], full)
+    return torch.searchsorted(ends.contiguous(), positions.contiguous(), right=True)

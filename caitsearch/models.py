@@ -1,0 +1,163 @@
+"""What caitsearch needs to know about a timm Vision Transformer, and how to build one.
+
+`ModelSpec` is read off a live timm `VisionTransformer` (DeiT, DeiT-III, distilled DeiT, AugReg ViT,
+register-token ViTs); models built from other blocks are refused with one sentence, because the
+compressed path re-implements the block forward and must not silently drop a feature it does not know.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import CaitsearchError
+
+POOLS_THAT_AVERAGE = ("avg", "avgmax")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Static shape facts of a ViT: everything the config, MAC count and profiler need."""
+
+    name: str
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    grid: tuple[int, int]
+    in_chans: int
+    num_prefix_tokens: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    num_classes: int
+    global_pool: str
+    attn_pool: bool
+    distilled: bool
+    qk_norm: bool
+    attn_scale_norm: bool
+    mlp_scale_norm: bool
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModelSpec":
+        from timm.layers import Mlp
+        from timm.layers.attention import Attention
+        from timm.models.vision_transformer import Block, VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            raise CaitsearchError(
+                f"{type(model).__name__} is not a timm VisionTransformer; caitsearch compresses "
+                "ViT-family models such as deit_tiny_patch16_224 or vit_small_patch16_224."
+            )
+        name = _model_name(model)
+        for i, blk in enumerate(model.blocks):
+            if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
+                raise CaitsearchError(
+                    f"{name}: block {i} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}; "
+                    "only timm's standard Block with Attention and Mlp is supported."
+                )
+            if getattr(blk.attn, "gate", None) is not None:
+                raise CaitsearchError(f"{name}: gated attention is not supported.")
+        blk0 = model.blocks[0]
+        pe = model.patch_embed
+        return cls(
+            name=name,
+            img_size=tuple(int(s) for s in pe.img_size),
+            patch_size=tuple(int(s) for s in pe.patch_size),
+            grid=tuple(int(s) for s in pe.grid_size),
+            in_chans=int(pe.proj.in_channels),
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            embed_dim=int(model.embed_dim),
+            depth=len(model.blocks),
+            num_heads=int(blk0.attn.num_heads),
+            head_dim=int(blk0.attn.head_dim),
+            mlp_hidden=int(blk0.mlp.fc1.out_features),
+            num_classes=int(model.num_classes),
+            global_pool=str(model.global_pool),
+            attn_pool=model.attn_pool is not None,
+            distilled=getattr(model, "dist_token", None) is not None,
+            qk_norm=not isinstance(blk0.attn.q_norm, nn.Identity),
+            attn_scale_norm=not isinstance(blk0.attn.norm, nn.Identity),
+            mlp_scale_norm=not isinstance(blk0.mlp.norm, nn.Identity),
+        )
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def create_model(
+    name: str,
+    img_size: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    in_chans: Optional[int] = None,
+    pretrained: bool = False,
+    checkpoint: Optional[Path] = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a timm model in eval mode; a checkpoint is loaded weights-only (no code runs from it)."""
+    import timm
+
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise CaitsearchError(f"unknown timm model '{name}'; try `timm.list_models('*deit*')`.")
+    if img_size is not None:
+        kwargs["img_size"] = tuple(int(s) for s in img_size)
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    if in_chans is not None:
+        kwargs["in_chans"] = int(in_chans)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def load_state(path: Path) -> dict:
+    """Read a state dict from a safetensors or weights-only torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaitsearchError(f"checkpoint {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, wrong format
+        raise CaitsearchError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CaitsearchError(f"checkpoint {path} holds no state dict.")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load weights into `model`, refusing a checkpoint made for a different architecture."""
+    state = load_state(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        what = (
+            f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors"
+            + (f" (e.g. {(wrong or missing or unexpected)[0]})")
+        )
+        raise CaitsearchError(f"checkpoint {path} does not fit model {_model_name(model)}: {what}.")
+    model.load_state_dict(state)
