@@ -262,3 +262,22 @@ def materialize(compressed: CaitViT) -> CaitViT:
         blk.attn.materialize_()
         blk.mlp.materialize_()
     return out
+
+
+def is_compressed_state(state: dict) -> bool:
+    """True for a state dict saved from a `CaitViT` (keys under `vit.`), False for a timm one."""
+    return bool(state) and all(k.startswith("vit.") for k in state)
+
+
+def load_materialized(model: nn.Module, config: CompressionConfig, state: dict) -> CaitViT:
+    """Rebuild a materialised compressed model of `model` and `config` and load `state` into it."""
+    from ..errors import CaitsearchError
+
+    skeleton = materialize(compress(model, config))
+    try:
+        skeleton.load_state_dict(state)
+    except RuntimeError as e:
+        raise CaitsearchError(
+            f"checkpoint does not fit {config.model} compressed with this config: {str(e).splitlines()[0][:160]}"
+        ) from e
+    return skeleton

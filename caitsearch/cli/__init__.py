@@ -1,0 +1,5 @@
+"""The `caitsearch` command line: one module per pipeline stage, all registered on one app."""
+from . import core  # noqa: F401  (registers inspect, bench, export)
+from .app import app, main
+
+__all__ = ["app", "main"]

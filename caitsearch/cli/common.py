@@ -1,0 +1,87 @@
+"""Options and model loading shared by the commands, so every command spells them the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from ..compress import CaitViT, compress, is_compressed_state, load_materialized, materialize
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+from ..models import DEFAULT_MODEL, create_model, load_state
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"timm model name (default: the config's model, else {DEFAULT_MODEL}).")]
+ImgSizeOpt = Annotated[Optional[tuple[int, int]], typer.Option(
+    "--img-size", help="Input height and width, e.g. --img-size 224 160 (default: the config's, else the model's).")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier width (default: the model's).")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="Weights: a dense timm state dict or a compressed caitsearch one (.pth/.safetensors, loaded weights-only).")]
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Start from timm hub weights (needs network access).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="Compression config JSON (see `caitsearch inspect --help`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all cores).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CaitsearchError(f"--dtype must be one of {', '.join(DTYPES)}, not '{name}'.")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise CaitsearchError(f"--device must be cpu or cuda, not '{name}'.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CaitsearchError("--device cuda needs an NVIDIA GPU with a CUDA build of torch; none is visible here.")
+    return torch.device(name)
+
+
+def load_config(path: Optional[Path]) -> Optional[CompressionConfig]:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CaitsearchError(f"config {path} does not exist.")
+    return CompressionConfig.load(path)
+
+
+def load_models(
+    model: Optional[str],
+    img_size: Optional[tuple[int, int]] = None,
+    config_path: Optional[Path] = None,
+    checkpoint: Optional[Path] = None,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+) -> tuple[torch.nn.Module, CompressionConfig, Optional[CaitViT]]:
+    """The dense timm model, the config (dense if none given), and the materialised compressed
+    model (None without a config). A compressed checkpoint fills the compressed model; a dense one
+    fills the dense model, from which the compressed one is derived."""
+    config = load_config(config_path)
+    name = model or (config.model if config else DEFAULT_MODEL)
+    size = img_size or (tuple(config.img_size) if config else None)
+    state = load_state(checkpoint) if checkpoint else None
+    compressed_state = state is not None and is_compressed_state(state)
+    if num_classes is None and state is not None:
+        head = state.get("vit.head.weight" if compressed_state else "head.weight")
+        num_classes = int(head.shape[0]) if head is not None else None
+    dense = create_model(name, img_size=size, num_classes=num_classes, pretrained=pretrained)
+    if state is not None and not compressed_state:
+        from ..models import load_checkpoint
+
+        load_checkpoint(dense, checkpoint)
+    if config is None:
+        if compressed_state:
+            raise CaitsearchError(f"checkpoint {checkpoint} holds a compressed model; pass its --config too.")
+        return dense, CompressionConfig.dense(dense), None
+    config.validate(dense)
+    if compressed_state:
+        return dense, config, load_materialized(dense, config, state).eval()
+    return dense, config, materialize(compress(dense, config)).eval()

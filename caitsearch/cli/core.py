@@ -1,0 +1,178 @@
+"""`inspect`, `bench` and `export`: look at a config, time it, ship it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+from ..measure import measure_interleaved, set_threads
+from ..models import ModelSpec
+from .app import app, emit_json, out
+from .common import (
+    BatchOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
+    NumClassesOpt, PretrainedOpt, ThreadsOpt, load_models, resolve_device, resolve_dtype,
+)
+
+
+def config_report(spec: ModelSpec, config: CompressionConfig) -> dict:
+    """Per-block grid, tokens, widths and MACs of a config, with totals against dense."""
+    dense = CompressionConfig.dense(spec).macs(spec)
+    macs = config.macs(spec)
+    blocks = []
+    for i, (b, sh, m) in enumerate(zip(config.blocks, config.shapes(spec), macs["blocks"])):
+        blocks.append({
+            "block": i, "merge": f"{b.merge_axis}:{b.merge_count}" if b.merge_count else "-",
+            "grid_in": [sh.h_in, sh.w_in], "grid_out": [sh.h_out, sh.w_out],
+            "tokens_in": sh.tokens_in, "tokens_out": sh.tokens_out,
+            "keep_qk": b.keep_qk, "keep_v": b.keep_v, "keep_mlp": b.keep_mlp, "macs": m,
+        })
+    return {
+        "model": spec.name, "img_size": list(spec.img_size), "blocks": blocks,
+        "macs": macs["total"], "dense_macs": dense["total"], "mac_ratio": macs["total"] / dense["total"],
+    }
+
+
+@app.command()
+def inspect(
+    model: ModelOpt = None,
+    img_size: ImgSizeOpt = None,
+    config: ConfigOpt = None,
+    num_classes: NumClassesOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model's blocks under a compression config: grid, tokens, widths and MACs.
+
+    A config is JSON, one entry per block:
+    {"model": NAME, "img_size": [H, W], "blocks": [{"merge_axis": "none"|"cols"|"rows",
+    "merge_count": 0, "keep_qk": 64, "keep_v": 64, "keep_mlp": 1536}, ...]}.
+    merge_* removes grid columns/rows after the block's attention (ATME); keep_* are the per-head
+    q/k and v widths and the MLP width kept (CDCP). Without --config the dense model is shown.
+
+    Examples:
+
+      caitsearch inspect --model deit_small_patch16_224
+
+      caitsearch inspect --config results/run/candidate-0/config.json --json
+    """
+    dense, cfg, _ = load_models(model, img_size, config, num_classes=num_classes)
+    spec = ModelSpec.from_model(dense)
+    report = config_report(spec, cfg)
+    report["params"] = sum(p.numel() for p in dense.parameters())
+    if as_json:
+        emit_json(report)
+        return
+    t = Table(title=f"{spec.name} {spec.img_size[0]}x{spec.img_size[1]}: {spec.depth} blocks, "
+                    f"{spec.num_heads} heads of {spec.head_dim}, MLP {spec.mlp_hidden}")
+    for col in ("block", "merge", "grid in→out", "tokens in→out", "qk", "v", "mlp", "MMACs"):
+        t.add_column(col, justify="right")
+    for b in report["blocks"]:
+        t.add_row(str(b["block"]), b["merge"], f"{b['grid_in'][0]}x{b['grid_in'][1]}→{b['grid_out'][0]}x{b['grid_out'][1]}",
+                  f"{b['tokens_in']}→{b['tokens_out']}", str(b["keep_qk"]), str(b["keep_v"]), str(b["keep_mlp"]),
+                  f"{b['macs'] / 1e6:.1f}")
+    out.print(t)
+    out.print(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
+              f"({report['dense_macs'] / 1e9:.3f} GMACs)")
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    img_size: ImgSizeOpt = None,
+    checkpoint: CheckpointOpt = None,
+    batch_size: BatchOpt = 32,
+    repeats: Annotated[int, typer.Option(min=3, help="Timed calls per model (interleaved).")] = 20,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per model before timing.")] = 3,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Time the dense timm model and the materialised compressed model in one interleaved run.
+
+    Both see the same random batch; after warm-up the two are called in alternating order and the
+    medians compared. Without --config the compressed path runs with nothing compressed, which
+    shows the overhead of the compressed code path itself.
+
+    Examples:
+
+      caitsearch bench --config cfg.json --batch-size 32
+
+      caitsearch bench --model deit_small_patch16_224 --batch-size 1 --json
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    n_threads = set_threads(threads)
+    dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
+    if compressed is None:
+        from ..compress import compress
+
+        compressed = compress(dense, cfg).eval()
+    spec = ModelSpec.from_model(dense)
+    dense, compressed = dense.to(dev, dt), compressed.to(dev, dt)
+    x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
+    timings = measure_interleaved({"dense": lambda: dense(x), "compressed": lambda: compressed(x)},
+                                  repeats=repeats, warmup=warmup, device=dev)
+    macs = config_report(spec, cfg)
+    speedup = timings["dense"].median / timings["compressed"].median
+    result = {
+        "model": spec.name, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "threads": n_threads,
+        "dense": timings["dense"].summary(), "compressed": timings["compressed"].summary(),
+        "speedup": speedup, "mac_ratio": macs["mac_ratio"],
+        # share of the MAC reduction that became wall-clock speedup (1.0 = all of it)
+        "realised": speedup * macs["mac_ratio"],
+    }
+    if as_json:
+        emit_json(result)
+        return
+    t = Table(title=f"{spec.name}, batch {batch_size}, {dtype} on {dev} ({n_threads} threads)")
+    for col in ("model", "median ms", "p90 ms", "spread"):
+        t.add_column(col, justify="right")
+    for name in ("dense", "compressed"):
+        s = result[name]
+        t.add_row(name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
+    out.print(t)
+    out.print(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
+              f"({result['realised']:.2f} of the MAC reduction realised)")
+
+
+@app.command()
+def export(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    img_size: ImgSizeOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx (more formats: `caitsearch export RUN/candidate`).")] = "onnx",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("model.onnx"),
+    batch_size: BatchOpt = 1,
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |onnxruntime - PyTorch| on the check batch.")] = 1e-3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the materialised compressed model (ATME included) and check it against PyTorch.
+
+    ONNX goes through torch's dynamo exporter; the file is then run in onnxruntime on a random
+    batch and compared with PyTorch.
+
+    Example:
+
+      caitsearch export --config cfg.json --checkpoint ckpt.pth --format onnx --out deit_small_cait.onnx
+    """
+    from ..export import export_onnx
+
+    if fmt != "onnx":
+        raise CaitsearchError(f"--format {fmt} is not supported here; use onnx.")
+    dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
+    if compressed is None:
+        from ..compress import compress
+
+        compressed = compress(dense, cfg).eval()
+    result = export_onnx(compressed, out_path, batch_size=batch_size, tolerance=tolerance)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB); onnxruntime vs PyTorch max |diff| "
+                  f"{result['max_abs_diff']:.2e} (tolerance {tolerance:g})")
