@@ -1,0 +1,84 @@
+"""The search objective: how closely a compressed model, untrained, follows the dense one.
+
+Retraining every trial is far too slow, so a trial is scored on the calibration split by comparing
+`compress(dense, config, calib)` (ATME merges plus importance-based CDCP masks, same weights) with
+the dense model's logits, computed once: top-1 agreement, and the mean KL divergence
+KL(dense || compressed). KL is the objective (smaller is better): it is continuous where
+agreement moves in steps of one image, and it still ranks configs that agree on every image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress import compress
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+
+
+def stack_images(data: Union[torch.Tensor, Iterable], limit: Optional[int] = None) -> torch.Tensor:
+    """Images of a tensor, a dataset of (image, label) pairs or a loader of batches, as one tensor."""
+    if isinstance(data, torch.Tensor):
+        return data[:limit]
+    images, count = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        images.append(x)
+        count += x.shape[0]
+        if limit is not None and count >= limit:
+            break
+    if not images:
+        raise CaitsearchError("the calibration split is empty; the search needs images to score configs.")
+    return torch.cat(images)[:limit]
+
+
+@dataclass(frozen=True)
+class ProxyScore:
+    agreement: float  # share of calibration images where the top-1 class matches the dense model
+    kl: float  # mean KL(dense || compressed) in nats
+
+    def as_dict(self) -> dict:
+        return {"agreement": self.agreement, "kl": self.kl}
+
+
+class AccuracyProxy:
+    """Scores configs against the dense model on fixed calibration images.
+
+    `stats_images` (the first `stats_size` images by default) feed CDCP's channel importance; all
+    images are then used to compare logits. Dense logits are computed once, here.
+    """
+
+    def __init__(self, dense: nn.Module, images: torch.Tensor, batch_size: int = 256, stats_size: int = 256):
+        if images.shape[0] == 0:
+            raise CaitsearchError("the calibration split is empty; the search needs images to score configs.")
+        self.dense = dense.eval()
+        self.batch_size = batch_size
+        self.batches = list(images.split(batch_size))
+        self.stats_images = images[:stats_size]
+        self.dense_log_probs = torch.cat([F.log_softmax(logits, -1) for logits in self._logits(self.dense)])
+
+    @torch.inference_mode()
+    def _logits(self, model: nn.Module) -> list[torch.Tensor]:
+        return [model(x).float() for x in self.batches]
+
+    @property
+    def floor(self) -> ProxyScore:
+        """The score of a model that knows nothing (uniform prediction): what over-budget trials get."""
+        p = self.dense_log_probs
+        uniform = torch.full_like(p, -torch.log(torch.tensor(float(p.shape[-1]))).item())
+        return ProxyScore(agreement=0.0, kl=_kl(p, uniform))
+
+    def score(self, config: CompressionConfig) -> ProxyScore:
+        model = compress(self.dense, config, self.stats_images).eval()
+        log_q = torch.cat([F.log_softmax(logits, -1) for logits in self._logits(model)])
+        agreement = (log_q.argmax(-1) == self.dense_log_probs.argmax(-1)).float().mean().item()
+        return ProxyScore(agreement=agreement, kl=_kl(self.dense_log_probs, log_q))
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").clamp_min(0.0).item()

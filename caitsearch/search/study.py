@@ -1,0 +1,175 @@
+"""The Optuna study: storage, samplers, the latency-budget constraint, warm starts and exact counts.
+
+- Storage: `sqlite:///RUN/study.db` by default (one process: a lock file beside it keeps a second
+  one out, so trials left RUNNING by a killed process are known to be dead and are failed on
+  resume). Any other URL, e.g. `postgresql://user@host/db`, is shared by several workers on
+  several machines; there a heartbeat marks a killed worker's trial failed after a grace period.
+- The budget is a constraint (`trial.set_constraint("latency", predicted_ms - budget_ms)`, feasible
+  at <= 0). A config predicted over budget gets the proxy's floor score without any accuracy work.
+- `n_trials` is the total for the study, not per call: resumed runs and every worker stop once
+  COMPLETE + PRUNED trials reach it. A trial only runs if fewer than `n_trials` live or finished
+  trials have a lower number (trial numbers are handed out by the storage in one order for all
+  workers), so two workers racing for the last slot cannot both take it; the loser is marked
+  FAIL with the user attribute `surplus` and never counted.
+- Warm starts (uniform schedules) are enqueued once per study, recorded in a study attribute.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+from ..space import SearchSpace
+from .proxy import AccuracyProxy
+
+SAMPLERS = ("tpe", "nsga2", "random")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_S, GRACE_S = 5, 30
+
+
+class SurplusTrial(Exception):
+    """A worker lost the race for the study's last trial slot."""
+
+
+def default_storage(run_dir: Path) -> str:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+
+
+def is_local(url: str) -> bool:
+    return url.startswith("sqlite:")
+
+
+def make_sampler(name: str, seed: Optional[int], n_trials: int = 100) -> optuna.samplers.BaseSampler:
+    """A constraint-aware sampler (CMA-ES and GP are left out: CMA-ES ignores constraints and
+    categorical parameters, the space is mostly categorical)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, n_trials // 4)))
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, n_trials // 4)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise CaitsearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
+
+
+def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identity: dict) -> optuna.Study:
+    """Create or load the study; `identity` (model, size, budget, space...) must match a stored one,
+    because trials scored under another budget or space cannot be mixed in."""
+    try:
+        storage = optuna.storages.RDBStorage(url) if is_local(url) else optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    except Exception as e:  # bad URL, server down, missing driver
+        raise CaitsearchError(f"cannot open study storage {url}: {str(e).splitlines()[0][:200]}") from e
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get("identity")
+    wanted = json.loads(json.dumps(identity))
+    if stored is None:
+        study.set_user_attr("identity", wanted)
+    elif stored != wanted:
+        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        raise CaitsearchError(
+            f"study '{name}' in {url} was started with a different {', '.join(diff)}; "
+            "use a new --study-name or --out folder.")
+    return study
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock for the whole search (local SQLite studies only)."""
+    path = Path(run_dir) / "study.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CaitsearchError(f"another caitsearch process is searching in {run_dir}; "
+                                  "for several workers use --storage postgresql://...") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark trials a killed process left RUNNING as failed (only safe when we hold the lock)."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(orphans)
+
+
+def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequence[CompressionConfig]) -> int:
+    """Enqueue known-good schedules once per study (a resumed or second worker adds none)."""
+    if study.user_attrs.get("warm_started"):
+        return 0
+    study.set_user_attr("warm_started", True)
+    for config in configs:
+        study.enqueue_trial(space.params_of(config), user_attrs={"warm_start": True}, skip_if_exists=True)
+    return len(configs)
+
+
+def count(study: optuna.Study, states: Sequence[TrialState] = FINISHED) -> int:
+    return len(study.get_trials(deepcopy=False, states=tuple(states)))
+
+
+def make_objective(space: SearchSpace, proxy: AccuracyProxy, predict_ms: Callable[[CompressionConfig], float],
+                   budget_ms: float, n_trials: int) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING, TrialState.WAITING))
+                 if t.number < trial.number]
+        if len(ahead) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's {n_trials} trials")
+        config = space.suggest(trial)
+        predicted = float(predict_ms(config))
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("predicted_ms", predicted)
+        trial.set_constraint("latency", predicted - budget_ms)
+        score = proxy.floor if predicted > budget_ms else proxy.score(config)
+        for key, value in score.as_dict().items():
+            trial.set_user_attr(key, value)
+        return score.kl
+
+    return objective
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
+               on_trial: Optional[Callable[[int], None]] = None) -> int:
+    """Run trials until the study holds `n_trials` finished ones (counting other workers' and
+    earlier runs'); return how many this call finished."""
+    threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
+    done_here = 0
+    try:
+        while count(study) + count(study, (TrialState.RUNNING,)) < n_trials:
+            before = count(study)
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=False)
+            torch.set_num_threads(threads)
+            done = count(study)
+            done_here += max(0, done - before)
+            if on_trial:
+                on_trial(done)
+    finally:
+        torch.set_num_threads(threads)
+    return done_here
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials predicted within budget, best proxy first, one per distinct config."""
+    seen, best = set(), []
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.constraints and all(c <= 0 for c in t.constraints.values()) and "config" in t.user_attrs]
+    for t in sorted(trials, key=lambda t: (t.value, t.user_attrs["predicted_ms"])):
+        key = json.dumps(t.user_attrs["config"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            best.append(t)
+    return best
