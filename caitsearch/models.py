@@ -120,7 +120,12 @@ def create_model(
         kwargs["in_chans"] = int(in_chans)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+    except TypeError as e:  # ViT-only arguments given to another family: say what it is instead
+        if not kwargs:
+            raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+        ModelSpec.from_model(timm.create_model(name, pretrained=False))
+        raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+    except (ValueError, AssertionError, RuntimeError) as e:
         raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
@@ -189,4 +194,12 @@ def _register_embedded_models() -> None:
 
 
 DEFAULT_MODEL = "deit_fmnist_patch4_32"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def default_checkpoint(name: str) -> Optional[Path]:
+    """The committed dense weights of an embedded model (see caitsearch/weights/README.md), if any."""
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    return path if path.is_file() else None
+
 _register_embedded_models()

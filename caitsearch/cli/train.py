@@ -1,0 +1,98 @@
+"""`train`: the dense baseline, or distillation retraining of a compressed config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..measure import set_threads
+from ..models import DEFAULT_MODEL, ModelSpec, create_model, default_checkpoint, load_checkpoint
+from .app import app, emit_json, out
+from .common import (
+    BatchOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
+    PretrainedOpt, ThreadsOpt, load_config, resolve_device,
+)
+
+DataOpt = Annotated[str, typer.Option(
+    "--data", "-d", help="'fashion-mnist' (Debian's dataset-fashion-mnist) or an ImageFolder directory with train/ and val/.")]
+CalibOpt = Annotated[int, typer.Option("--calib-size", min=0, help="Training images held out as the calibration split.")]
+TrainLimitOpt = Annotated[Optional[int], typer.Option("--train-limit", min=1, help="Train on a seeded subset of this many images.")]
+TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=1, help="Evaluate on a seeded subset of this many test images.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the splits, data order, augmentation and initialisation.")]
+
+
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory: state.pt (resume), model.safetensors, metrics.json.")],
+    model: ModelOpt = None,
+    data: DataOpt = "fashion-mnist",
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Passes over the training split.")] = 5,
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    img_size: ImgSizeOpt = None,
+    num_classes: NumClassesOpt = None,
+    batch_size: BatchOpt = 128,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak AdamW learning rate (default 1e-3 dense, 5e-4 retraining).")] = None,
+    seed: SeedOpt = 0,
+    calib_size: CalibOpt = 1000,
+    train_limit: TrainLimitOpt = None,
+    test_limit: TestLimitOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a dense model, or retrain a compressed config with distillation from the dense one.
+
+    Without --config: trains (or fine-tunes, with --checkpoint / --pretrained) the dense model.
+    With --config: the dense model (--checkpoint, or the embedded default's weights) is the
+    teacher; the compressed student keeps ATME merges on and anneals its CDCP masks from full
+    width to the config's widths, then is materialised and evaluated on the test split.
+
+    A killed run resumes from its last saved step when the same command is run again; under
+    `torchrun --nproc_per_node N` it trains data-parallel (gloo on CPU, NCCL on GPUs).
+
+    Examples:
+
+      caitsearch train --epochs 5 --out runs/dense
+
+      caitsearch train --config best.json --epochs 2 --train-limit 10000 --out runs/retrain
+
+      torchrun --nproc_per_node 2 -m caitsearch train --config best.json --out runs/ddp
+
+      caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
+    """
+    from ..data import load_dataset
+
+    set_threads(threads)
+    dev = resolve_device(device)
+    cfg = load_config(config)
+    name = model or (cfg.model if cfg else DEFAULT_MODEL)
+    size = img_size or (tuple(cfg.img_size) if cfg else None)
+    probe = ModelSpec.from_model(create_model(name, img_size=size, num_classes=num_classes))
+    splits = load_dataset(data, probe, seed=seed, calib_size=calib_size, test_limit=test_limit)
+    dense = create_model(name, img_size=size, num_classes=num_classes or splits.num_classes, pretrained=pretrained)
+    if cfg is not None and checkpoint is None and not pretrained:
+        checkpoint = default_checkpoint(name)
+        if checkpoint is None:
+            from ..errors import CaitsearchError
+
+            raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
+    if checkpoint is not None:
+        load_checkpoint(dense, checkpoint)
+    if cfg is None:
+        from ..train import train_dense
+
+        metrics = train_dense(dense, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 1e-3, seed=seed,
+                              train_limit=train_limit, progress=not as_json, device=dev)
+    else:
+        from ..train import retrain_compressed
+
+        _, metrics = retrain_compressed(dense, cfg, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 5e-4,
+                                        seed=seed, train_limit=train_limit, progress=not as_json, device=dev)
+    if as_json:
+        emit_json(metrics)
+    else:
+        out.print(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
+                  f"weights in {Path(out_dir) / 'model.safetensors'}")
