@@ -1,0 +1,92 @@
+"""`search`: find the most accurate compressed config under a latency budget, then retrain it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, emit_json, out
+from .common import CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
+
+
+@app.command()
+def search(
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="Latency budget as a fraction of the dense model's latency, e.g. 0.6.")] = None,
+    budget_ms: Annotated[Optional[float], typer.Option(
+        "--budget-ms", help="Latency budget in milliseconds per batch at the profile's batch size.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(
+        "--profile", help="Latency profile JSON (default: this machine's profile of the model, built if missing).")] = None,
+    model: ModelOpt = None,
+    img_size: ImgSizeOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: Annotated[str, typer.Option(
+        "--data", help="'fashion-mnist' or an ImageFolder directory with train/ and val/.")] = "fashion-mnist",
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Total trials of the study (resumes and workers stop at this).")] = 40,
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe, nsga2 or random (all honour the budget constraint).")] = "tpe",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler, data splits and retraining.")] = 0,
+    storage: Annotated[Optional[str], typer.Option(
+        "--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite in --out).")] = None,
+    study_name: Annotated[str, typer.Option("--study-name", help="Study name inside the storage.")] = "search",
+    retrain_top: Annotated[int, typer.Option("--retrain-top", min=0, help="Retrain this many best candidates with distillation.")] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Retraining epochs (and dense training epochs without --checkpoint).")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training and evaluation batch size.")] = 128,
+    calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Training images held out for the proxy and CDCP importance.")] = 1000,
+    proxy_size: Annotated[int, typer.Option("--proxy-size", min=1, help="Calibration images each trial is scored on.")] = 512,
+    train_limit: Annotated[Optional[int], typer.Option("--train-limit", min=1, help="Use only this many training images.")] = None,
+    test_limit: Annotated[Optional[int], typer.Option("--test-limit", min=1, help="Evaluate on only this many test images.")] = None,
+    remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
+    repeats: Annotated[int, typer.Option("--repeats", min=3, help="Interleaved timing rounds when re-measuring.")] = 15,
+    threads: ThreadsOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it exists).")] = Path("results/search"),
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure,
+    retrain and report the best candidates.
+
+    Each trial's latency is predicted from the latency profile; configs over budget are rejected
+    before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well
+    they follow the dense model on calibration images (KL and top-1 agreement). The best feasible
+    candidates are then timed against the dense model on this machine, the top --retrain-top
+    retrained with distillation and evaluated on the test split. Everything lands in --out:
+    summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command
+    again to resume after an interruption.
+
+    Examples:
+
+      caitsearch search --budget 0.6
+
+      caitsearch search --budget-ms 12.5 --model deit_tiny_patch16_224 --checkpoint dense.pth --data ./imagenette
+
+      caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
+    """
+    import optuna
+
+    from ..search.pipeline import SearchRequest, run_search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    req = SearchRequest(
+        out=out_dir, budget=budget, budget_ms=budget_ms, model=model, img_size=img_size, checkpoint=checkpoint,
+        data=data, profile=profile, trials=trials, sampler=sampler, seed=seed, storage=storage,
+        study_name=study_name, retrain_top=retrain_top, epochs=epochs, batch_size=batch_size,
+        calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit, test_limit=test_limit,
+        remeasure=remeasure, repeats=repeats, threads=threads, progress=not no_progress and not as_json,
+    )
+    summary = run_search(req)
+    if as_json:
+        emit_json(summary)
+        return
+    dense = summary["dense"]
+    t = Table(title=f"{summary['model']} under {summary['budget']['ratio']:.2f}x dense "
+                    f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
+    for col in ("", "accuracy", "measured ms", "predicted ms", "speedup", "retrained"):
+        t.add_column(col, justify="right")
+    t.add_row("dense", f"{dense['accuracy']:.2%}", f"{dense['latency_ms']:.3g}", f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
+    for c in summary["candidates"]:
+        t.add_row(f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.3g}",
+                  f"{c['predicted_latency_ms']:.3g}", f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
+    out.print(t)
+    out.print(f"results in {out_dir}/summary.json and {out_dir}/results.csv")
