@@ -1,0 +1,11 @@
+"""Hardware latency profiles of compressed ViTs and the predictor the search uses.
+
+    path = build_profile("deit_small_patch16_224", backend="torch-cpu", batch_size=32)
+    prof = LatencyProfile.load(path)
+    prof.predict(config)  # ms per batch of the materialised compressed model
+"""
+from .backends import BACKENDS, check_backend
+from .build import build_profile, default_profile_path
+from .predictor import LatencyProfile
+
+__all__ = ["BACKENDS", "LatencyProfile", "build_profile", "check_backend", "default_profile_path"]

@@ -1,0 +1,214 @@
+"""Build a latency profile: measure every planned table entry, resumably.
+
+The table is rewritten atomically after every interleaved group, together with a manifest marked
+unfinished; re-running the same command skips the entries already in the table, so a killed run
+loses at most the group it was in and never duplicates a row. The finished profile is a directory:
+`table.parquet` (what the predictor reads), `table.csv` (the same, for people) and `manifest.json`
+(settings, device fingerprint, row count and the table's SHA-256).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..compress import compress, materialize
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+from ..io import atomic_write, atomic_write_text
+from ..models import ModelSpec, create_model
+from ..space import SearchSpace
+from .backends import check_backend, make_backend
+from .fingerprint import differences, fingerprint
+from .plan import (
+    FULL, QUICK, AttentionPart, Entry, HeadPart, MergePart, MlpPart, StemPart, merged_grid, one_block_model, plan,
+)
+
+PROFILE_ROOT = Path("hw_profiles")
+MANIFEST, TABLE, CSV = "manifest.json", "table.parquet", "table.csv"
+FORMAT = 1
+SETTINGS = ("model", "img_size", "num_classes", "backend", "batch_size", "dtype", "threads", "quick",
+            "cuda_graphs", "space")
+
+
+def default_profile_path(model_name: str, img_size: Sequence[int], backend: str = "torch-cpu",
+                         batch_size: int = 32, dtype: str = "fp32") -> Path:
+    """`hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>`: one directory per profile."""
+    h, w = img_size
+    return PROFILE_ROOT / f"{model_name}_{h}x{w}_{backend}_b{batch_size}_{dtype}"
+
+
+def space_settings(space: SearchSpace) -> dict:
+    return {k: getattr(space, k) for k in ("head_multiple", "mlp_multiple", "min_keep", "min_lines", "merge", "prune")}
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CaitsearchError(f"no latency profile at {directory} ({MANIFEST} is missing); build one with `caitsearch profile`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaitsearchError(f"{path} is not a readable profile manifest ({e}); delete the profile and build it again.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CaitsearchError(f"{path} is not a caitsearch profile manifest of format {FORMAT}; rebuild the profile.")
+    return manifest
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # truncated or corrupt Parquet: pyarrow raises several types
+        raise CaitsearchError(f"latency table {path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                              "delete the profile and build it again.") from e
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _modules(entry: Entry, model: nn.Module, spec: ModelSpec, space: SearchSpace, be, batch: int, cache: dict):
+    """The module and example inputs that time `entry` on backend `be`."""
+    c = spec.embed_dim
+
+    def block_model(qk: int, v: int, mlp: int):
+        key = (qk, v, mlp)
+        if key not in cache:
+            cache[key] = one_block_model(model, spec, qk, v, mlp)
+        return cache[key]
+
+    if entry.kind == "attn":
+        m = block_model(entry.qk, entry.v, spec.mlp_hidden)
+        grid = merged_grid(space, entry.tokens, batch, be.dtype, be.device)
+        inputs = (be.tensor(batch, entry.tokens, c),) + ((grid.bias,) if grid.bias is not None else ())
+        return AttentionPart(m.vit.blocks[0]), inputs
+    if entry.kind == "mlp":
+        m = block_model(spec.head_dim, spec.head_dim, entry.mlp)
+        return MlpPart(m.vit.blocks[0]), (be.tensor(batch, entry.tokens, c),)
+    if entry.kind == "merge":
+        part = MergePart(spec.num_prefix_tokens, entry.h, entry.w, entry.axis, entry.count)
+        return part, (be.tensor(batch, entry.tokens, c), be.tensor(batch, entry.tokens, spec.head_dim))
+    if entry.kind == "stem":
+        m = block_model(spec.head_dim, spec.head_dim, spec.mlp_hidden)
+        return StemPart(m.vit), (be.tensor(batch, spec.in_chans, *spec.img_size),)
+    if entry.kind == "head":
+        m = block_model(spec.head_dim, spec.head_dim, spec.mlp_hidden)
+        grid = merged_grid(space, entry.tokens, batch, be.dtype, be.device)
+        return HeadPart(m, grid), (be.tensor(batch, entry.tokens, c),)
+    if entry.kind == "e2e":
+        cfg = CompressionConfig.from_dict(json.loads(entry.config))
+        return materialize(compress(model, cfg)), (be.tensor(batch, spec.in_chans, *spec.img_size),)
+    raise ValueError(entry.kind)
+
+
+def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, res) -> list[dict]:
+    """Time one group of entries in a single interleaved loop; one row per entry."""
+    cache: dict = {}
+    fns = {}
+    for e in entries:
+        module, inputs = _modules(e, model, spec, space, be, batch, cache)
+        fns[e.key] = be.prepare(module, inputs)
+    timings, tele = be.measure(fns, repeats=res.repeats, warmup=res.warmup, warmup_seconds=res.warmup_seconds,
+                               max_repeats=res.max_repeats, target_spread=res.target_spread)
+    base = {"sm_clock_mhz": None, "temp_c": None, "power_w": None, "throttled": False, "throttle": "", "attempts": 1}
+    rows = [{**e.row(), **timings[e.key].summary(), **base, **tele} for e in entries]
+    del fns, cache
+    be.release()
+    return rows
+
+
+def _write_table(directory: Path, table: pd.DataFrame, csv: bool) -> None:
+    atomic_write(directory / TABLE, lambda tmp: table.to_parquet(tmp, index=False))
+    if csv:
+        atomic_write(directory / CSV, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def build_profile(
+    model_name_or_module: Union[str, nn.Module],
+    img_size: Optional[Sequence[int]] = None,
+    backend: str = "torch-cpu",
+    batch_size: int = 32,
+    dtype: str = "fp32",
+    threads: Optional[int] = None,
+    out: Optional[Union[str, Path]] = None,
+    space: Optional[SearchSpace] = None,
+    quick: bool = False,
+    progress: bool = True,
+    cuda_graphs: bool = False,
+) -> Path:
+    """Measure a latency profile of a model on this machine (resuming an unfinished one at `out`)
+    and return its directory. `quick` samples coarser and repeats less: for tests and smoke runs."""
+    check_backend(backend, dtype)
+    if batch_size < 1:
+        raise CaitsearchError("batch size must be at least 1.")
+    if isinstance(model_name_or_module, str):
+        model = create_model(model_name_or_module, img_size=img_size)
+    else:
+        model = model_name_or_module.eval()
+    spec = ModelSpec.from_model(model)
+    if img_size is not None and tuple(img_size) != tuple(spec.img_size):
+        raise CaitsearchError(f"the model takes {list(spec.img_size)} inputs, not {list(img_size)}.")
+    space = space or SearchSpace(spec)
+    if space.spec != spec:
+        raise CaitsearchError(f"the search space is for {space.spec.name} at {list(space.spec.img_size)}, not this model.")
+    res = QUICK if quick else FULL
+    be = make_backend(backend, dtype, threads, cuda_graphs)
+    directory = Path(out) if out else default_profile_path(spec.name, spec.img_size, backend, batch_size, dtype)
+    settings = {"model": spec.name, "img_size": list(spec.img_size), "num_classes": spec.num_classes,
+                "backend": backend, "batch_size": batch_size, "dtype": dtype,
+                "threads": be.threads if backend == "torch-cpu" else None, "quick": quick,
+                "cuda_graphs": be.cuda_graphs, "space": space_settings(space)}
+    fp = fingerprint(backend, settings["threads"])
+
+    table = pd.DataFrame()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if (directory / MANIFEST).exists():
+        old = read_manifest(directory)
+        changed = [k for k in SETTINGS if old.get(k) != settings[k]]
+        if changed:
+            raise CaitsearchError(f"{directory} holds a profile with other settings ({', '.join(changed)}); "
+                                  "pass another --out or delete it.")
+        moved = differences(old.get("fingerprint", {}), fp)
+        if moved:
+            raise CaitsearchError(f"{directory} was started on another device ({moved[0]}); pass another --out or delete it.")
+        if old.get("complete"):
+            return directory
+        started = old.get("started", started)
+        if (directory / TABLE).exists():
+            table = read_table(directory / TABLE)
+    done = set(table["key"]) if len(table) else set()
+
+    groups = [[e for e in g if e.key not in done] for g in plan(space, res)]
+    groups = [g for g in groups if g]
+    manifest = {"format": FORMAT, **settings, "spec": asdict(spec), "resolution": asdict(res), "fingerprint": fp,
+                "started": started, "complete": False}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from ..cli.app import console
+
+    bar = Progress(TextColumn("[bold]profile[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                   disable=not progress, transient=False)
+    with bar, torch.inference_mode():
+        task = bar.add_task(spec.name, total=sum(len(g) for g in groups) + len(done), completed=len(done))
+        for group in groups:
+            bar.update(task, description=f"{spec.name}: {group[0].kind}")
+            rows = measure_group(group, model, spec, space, be, batch_size, res)
+            table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
+            _write_table(directory, table, csv=False)
+            bar.advance(task, len(group))
+
+    _write_table(directory, table, csv=True)
+    manifest.update(complete=True, rows=len(table), table_sha256=file_sha256(directory / TABLE),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    files={"table": TABLE, "csv": CSV})
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return directory

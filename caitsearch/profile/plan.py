@@ -1,0 +1,234 @@
+"""What a profile measures: the factored table of block parts, and the modules that time them.
+
+A materialised CAIT block is `attention part` on the input tokens, then (maybe) an ATME merge, then
+the `MLP part` on the merged tokens. The table is factored along that split:
+
+- `attn`: tokens in x kept qk width x kept v width (attention runs at max(qk, v), the linears at
+  the true widths, so both widths are table dimensions); merged inputs carry the
+  proportional-attention bias, the full grid does not, so the full token count is its own entry;
+- `mlp`: tokens x MLP hidden width;
+- `merge`: tokens in x axis (the merge op on a near-square grid of that size);
+- `stem` once, `head` per token count; `e2e`: whole random configs, for the fitted correction.
+
+Every dimension is sampled at a few points (all choices where there are few) and interpolated
+multilinearly in between: token counts spaced by value, widths by index.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..compress import CaitViT, compress, materialize
+from ..compress.atme import TokenGrid
+from ..config import BlockConfig, CompressionConfig
+from ..models import ModelSpec
+from ..space import SearchSpace
+
+KINDS = ("stem", "attn", "merge", "mlp", "head", "e2e")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: what was measured (the measurements are added beside it)."""
+
+    kind: str
+    tokens: int = 0
+    qk: int = 0
+    v: int = 0
+    mlp: int = 0
+    axis: str = ""
+    h: int = 0
+    w: int = 0
+    count: int = 0
+    config: str = ""  # e2e: the compression config as JSON
+
+    @property
+    def key(self) -> str:
+        cfg = hashlib.sha1(self.config.encode()).hexdigest()[:12] if self.config else ""
+        return (f"{self.kind}|n{self.tokens}|qk{self.qk}|v{self.v}|mlp{self.mlp}"
+                f"|{self.axis}{self.h}x{self.w}-{self.count}|{cfg}")
+
+    def row(self) -> dict:
+        return {"key": self.key, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How densely each dimension is sampled, and how long each group is timed."""
+
+    token_points: int
+    width_points: int
+    mlp_points: int
+    e2e_configs: int
+    repeats: int
+    max_repeats: int
+    warmup: int
+    warmup_seconds: float
+    target_spread: float
+    e2e_group: int = 4
+
+
+FULL = Resolution(token_points=12, width_points=4, mlp_points=6, e2e_configs=16, repeats=5, max_repeats=15,
+                  warmup=2, warmup_seconds=0.3, target_spread=0.05)
+QUICK = Resolution(token_points=4, width_points=2, mlp_points=3, e2e_configs=4, repeats=3, max_repeats=6,
+                   warmup=1, warmup_seconds=0.02, target_spread=0.15)
+
+
+def by_index(values: Sequence[int], k: int) -> list[int]:
+    """`k` of the sorted `values`, evenly spaced by position (ends included)."""
+    values = sorted(set(values))
+    if len(values) <= k:
+        return values
+    return sorted({values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)})
+
+
+def by_value(values: Sequence[int], k: int) -> list[int]:
+    """`k` of the sorted `values` nearest to evenly spaced targets (ends included)."""
+    values = sorted(set(values))
+    if len(values) <= k:
+        return values
+    lo, hi = values[0], values[-1]
+    return sorted({min(values, key=lambda v: abs(v - (lo + i * (hi - lo) / (k - 1)))) for i in range(k)})
+
+
+class Axes:
+    """The sampled points of every table dimension for one model and search space."""
+
+    def __init__(self, space: SearchSpace, res: Resolution) -> None:
+        s = space.spec
+        self.full = s.num_tokens
+        merged = [n for n in space.token_counts() if n < self.full]
+        self.merged_tokens = by_value(merged, res.token_points) if merged else []
+        self.tokens = self.merged_tokens + [self.full]
+        self.qk = by_index(space.qk_choices, res.width_points)
+        self.v = by_index(space.v_choices, res.width_points)
+        self.mlp = by_index(space.mlp_choices, res.mlp_points)
+        self.merge_axes = [a for a in space.axes if a != "none"]
+
+
+def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tuple[int, int]:
+    """The most square reachable grid with `tokens` tokens (able to lose a line along `axis`)."""
+    p = space.spec.num_prefix_tokens
+    grids = [(h, w) for h, w in space.grids() if p + h * w == tokens
+             and (axis is None or space.max_merge(w if axis == "cols" else h) > 0)]
+    if not grids:
+        raise ValueError(f"no reachable grid has {tokens} tokens")
+    return min(grids, key=lambda g: (abs(g[0] - g[1]), -g[0]))
+
+
+def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]]:
+    """Groups of entries, each timed in one interleaved loop; groups come in a shuffled order so
+    that slow drift of the machine does not bias one region of the table."""
+    ax = Axes(space, res)
+    groups: list[list[Entry]] = []
+    for n in ax.tokens:
+        groups.append([Entry("attn", n, qk=q, v=v) for q in ax.qk for v in ax.v])
+        groups.append([Entry("mlp", n, mlp=m) for m in ax.mlp])
+    merges = []
+    for n in ax.tokens:
+        for axis in ax.merge_axes:
+            try:
+                h, w = grid_for(space, n, axis)
+            except ValueError:
+                continue
+            lines = w if axis == "cols" else h
+            merges.append(Entry("merge", n, axis=axis, h=h, w=w, count=max(1, space.max_merge(lines) // 2)))
+    if merges:
+        groups.append(merges)
+    groups.append([Entry("stem")] + [Entry("head", n) for n in ax.tokens])
+    rng = random.Random(seed)
+    rng.shuffle(groups)
+    configs = [CompressionConfig.dense(space.spec)] + [space.random_config(rng) for _ in range(res.e2e_configs - 1)]
+    e2e = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in configs]
+    groups += [e2e[i:i + res.e2e_group] for i in range(0, len(e2e), res.e2e_group)]
+    return groups
+
+
+# ----- the modules that are timed ------------------------------------------------------------------
+
+class AttentionPart(nn.Module):
+    """`x + ls1(attn(norm1(x)))` of a materialised block, with the merge bias when merged."""
+
+    def __init__(self, block: nn.Module, want_keys: bool = False) -> None:
+        super().__init__()
+        self.block, self.want_keys = block, want_keys
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b = self.block
+        out, _ = b.attn(b.norm1(x), bias, want_keys=self.want_keys)
+        return x + b.drop_path1(b.ls1(out))
+
+
+class MlpPart(nn.Module):
+    """`x + ls2(mlp(norm2(x)))` of a materialised block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+
+class MergePart(nn.Module):
+    """One ATME step on an `h x w` grid; returns the merged tokens and the new attention bias."""
+
+    def __init__(self, prefix: int, h: int, w: int, axis: str, count: int) -> None:
+        super().__init__()
+        self.grid, self.axis, self.count = TokenGrid(prefix, h, w), axis, count
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, grid = self.grid.merge(x, keys, self.axis, self.count)
+        return tokens, grid.bias
+
+
+class StemPart(nn.Module):
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+
+
+class HeadPart(nn.Module):
+    """Final norm and head on `tokens` tokens (size-weighted pooling when merged)."""
+
+    def __init__(self, model: CaitViT, grid: TokenGrid) -> None:
+        super().__init__()
+        self.model, self.grid = model, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.vit.norm(x), self.grid)
+
+
+def one_block_model(model: nn.Module, spec: ModelSpec, qk: int, v: int, mlp: int) -> CaitViT:
+    """A materialised compressed copy of `model` cut to its first block, at the given widths."""
+    blocks = model.blocks
+    try:
+        model.blocks = nn.Sequential(blocks[0])
+        short = copy.deepcopy(model)
+    finally:
+        model.blocks = blocks
+    cfg = CompressionConfig(model=spec.name, img_size=spec.img_size, blocks=[BlockConfig(qk, v, mlp)])
+    return materialize(compress(short, cfg)).eval()
+
+
+def merged_grid(space: SearchSpace, tokens: int, batch: int, dtype: torch.dtype, device) -> TokenGrid:
+    """A grid with `tokens` tokens as the model sees it: unmerged at full size, else with line
+    sizes and the proportional-attention bias."""
+    p = space.spec.num_prefix_tokens
+    h, w = grid_for(space, tokens)
+    if tokens == space.spec.num_tokens:
+        return TokenGrid(p, h, w)
+    ones = lambda n: torch.ones(batch, n, device=device)  # noqa: E731
+    return TokenGrid(p, h, w, ones(h), ones(w)).with_bias(dtype)

@@ -1,0 +1,184 @@
+"""Predict the latency of a compressed model from a profile: table lookups plus a fitted correction.
+
+A config's raw estimate is stem + sum over blocks of (attention part at the block's input tokens
+and widths, merge step if any, MLP part at the output tokens) + head at the final tokens, each
+interpolated multilinearly from the table. Per-part sums miss what whole models do differently
+(caches, launch overlap, fusion on GPUs), so `predict` maps the raw sum through `a * raw + b`,
+fitted to the profile's end-to-end measurements of random configs by least relative squares.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from ..config import CompressionConfig
+from ..errors import CaitsearchError
+from ..models import ModelSpec
+from .build import MANIFEST, TABLE, file_sha256, read_manifest, read_table
+from .fingerprint import differences, fingerprint
+
+
+class Grid:
+    """Values measured on the product of sorted axes, interpolated multilinearly (clamped at the ends)."""
+
+    def __init__(self, rows: pd.DataFrame, dims: Sequence[str], where: str) -> None:
+        if rows.empty:
+            raise CaitsearchError(f"the latency table has no {where} entries; delete the profile and build it again.")
+        self.axes = [np.array(sorted(rows[d].unique()), dtype=float) for d in dims]
+        self.values = np.full([len(a) for a in self.axes], np.nan)
+        for point, ms in zip(rows[list(dims)].itertuples(index=False), rows["median_ms"]):
+            self.values[tuple(int(np.searchsorted(a, p)) for a, p in zip(self.axes, point))] = ms
+        if np.isnan(self.values).any():
+            raise CaitsearchError(f"the latency table misses {where} entries; delete the profile and build it again.")
+
+    def __call__(self, *point: float) -> float:
+        corners = []
+        for axis, p in zip(self.axes, point):
+            if len(axis) == 1 or p <= axis[0]:
+                corners.append(((0, 1.0),))
+            elif p >= axis[-1]:
+                corners.append(((len(axis) - 1, 1.0),))
+            else:
+                i = int(np.searchsorted(axis, p)) - 1
+                t = (p - axis[i]) / (axis[i + 1] - axis[i])
+                corners.append(((i, 1.0 - t), (i + 1, t)))
+        total = 0.0
+        for combo in itertools.product(*corners):
+            weight = float(np.prod([w for _, w in combo]))
+            if weight:
+                total += weight * self.values[tuple(i for i, _ in combo)]
+        return float(total)
+
+
+def _as_spec(model: Union[ModelSpec, nn.Module]) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec.from_model(model)
+
+
+class LatencyProfile:
+    """A measured latency table of one model on one device, backend, batch size and dtype."""
+
+    def __init__(self, manifest: dict, table: pd.DataFrame, path: Path) -> None:
+        self.manifest, self.table, self.path = manifest, table, path
+        s = dict(manifest["spec"])
+        for k in ("img_size", "patch_size", "grid"):
+            s[k] = tuple(s[k])
+        self.spec = ModelSpec(**s)
+        full = self.spec.num_tokens
+        t = table
+        self._attn_full = Grid(t[(t.kind == "attn") & (t.tokens == full)], ["qk", "v"], "full-grid attention")
+        merged = t[(t.kind == "attn") & (t.tokens < full)]
+        self._attn_merged = Grid(merged, ["tokens", "qk", "v"], "merged attention") if len(merged) else None
+        self._mlp = Grid(t[t.kind == "mlp"], ["tokens", "mlp"], "MLP")
+        self._merge = {a: Grid(g, ["tokens"], f"{a} merge") for a, g in t[t.kind == "merge"].groupby("axis")}
+        self._head = Grid(t[t.kind == "head"], ["tokens"], "head")
+        stem = t[t.kind == "stem"]["median_ms"]
+        if len(stem) != 1:
+            raise CaitsearchError("the latency table has no stem entry; delete the profile and build it again.")
+        self._stem = float(stem.iloc[0])
+        self._cache: dict = {}
+        self.scale, self.offset = self._fit()
+
+    # ----- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Union[str, Path], allow_foreign: bool = False) -> "LatencyProfile":
+        """Read a finished profile, refusing one that is unfinished, corrupt, or from another device."""
+        directory = Path(path)
+        if directory.name == MANIFEST:
+            directory = directory.parent
+        manifest = read_manifest(directory)
+        if not manifest.get("complete"):
+            raise CaitsearchError(f"profile {directory} is unfinished; re-run the same `caitsearch profile` command to resume it.")
+        table_path = directory / TABLE
+        if not table_path.is_file():
+            raise CaitsearchError(f"profile {directory} has no {TABLE}; delete it and build it again.")
+        if file_sha256(table_path) != manifest.get("table_sha256"):
+            raise CaitsearchError(f"latency table {table_path} does not match its manifest (corrupt, truncated or edited); "
+                                  "delete the profile and build it again.")
+        table = read_table(table_path)
+        if len(table) != manifest.get("rows"):
+            raise CaitsearchError(f"latency table {table_path} has {len(table)} rows but its manifest says {manifest.get('rows')}.")
+        try:
+            here = fingerprint(manifest["backend"], manifest.get("threads"))
+        except Exception:  # e.g. a GPU profile read where there is no GPU
+            here = {"backend": manifest["backend"], "device": "unavailable here"}
+        moved = differences(manifest.get("fingerprint", {}), here)
+        if moved and not allow_foreign:
+            raise CaitsearchError(f"profile {directory} was measured on another device ({'; '.join(moved[:3])}); "
+                                  "pass --allow-foreign-profile to use it anyway.")
+        return cls(manifest, table, directory)
+
+    def check_model(self, model: Union[ModelSpec, nn.Module]) -> None:
+        """Refuse a model other than the one profiled (name, input size, widths or depth)."""
+        s = _as_spec(model)
+        p = self.spec
+        if s.name != p.name or tuple(s.img_size) != tuple(p.img_size):
+            raise CaitsearchError(f"profile {self.path} is for {p.name} at {list(p.img_size)}, "
+                                  f"not {s.name} at {list(s.img_size)}.")
+        shape = ("depth", "embed_dim", "num_heads", "head_dim", "mlp_hidden", "num_prefix_tokens")
+        if any(getattr(s, k) != getattr(p, k) for k in shape):
+            raise CaitsearchError(f"profile {self.path} is for a {p.name} of another shape; profile this model.")
+
+    # ----- prediction ---------------------------------------------------------------------------
+    def _attention(self, tokens: int, qk: int, v: int) -> float:
+        if tokens >= self.spec.num_tokens or self._attn_merged is None:
+            return self._attn_full(qk, v)
+        return self._attn_merged(tokens, qk, v)
+
+    def _merge_ms(self, axis: str, tokens: int) -> float:
+        grid = self._merge.get(axis) or next(iter(self._merge.values()), None)
+        if grid is None:
+            raise CaitsearchError(f"profile {self.path} was built without merges but the config merges tokens.")
+        return grid(tokens)
+
+    def parts(self, config: CompressionConfig) -> dict:
+        """Raw per-part estimate in ms: stem, each block, head (no correction)."""
+        shapes = config.shapes(self.spec)
+        blocks = []
+        for b, sh in zip(config.blocks, shapes):
+            key = (b, sh.tokens_in, sh.tokens_out)
+            if key not in self._cache:
+                ms = self._attention(sh.tokens_in, b.keep_qk, b.keep_v) + self._mlp(sh.tokens_out, b.keep_mlp)
+                if b.merge_count:
+                    ms += self._merge_ms(b.merge_axis, sh.tokens_in)
+                self._cache[key] = ms
+            blocks.append(self._cache[key])
+        return {"stem": self._stem, "blocks": blocks, "head": self._head(shapes[-1].tokens_out)}
+
+    def raw(self, config: CompressionConfig) -> float:
+        p = self.parts(config)
+        return p["stem"] + sum(p["blocks"]) + p["head"]
+
+    def predict(self, config: CompressionConfig) -> float:
+        """Predicted ms per batch of the whole materialised model under `config`."""
+        return self.scale * self.raw(config) + self.offset
+
+    @property
+    def dense_ms(self) -> float:
+        return self.predict(CompressionConfig.dense(self.spec))
+
+    def _fit(self) -> tuple[float, float]:
+        """Least relative squares of measured end-to-end ms on the raw sums: (scale, offset)."""
+        e2e = self.table[self.table.kind == "e2e"]
+        if e2e.empty:
+            return 1.0, 0.0
+        x = np.array([self.raw(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
+        y = e2e["median_ms"].to_numpy(dtype=float)
+        if len(x) < 3 or np.ptp(x) < 1e-9:
+            return float(np.mean(y / x)), 0.0
+        (a, b), *_ = np.linalg.lstsq(np.stack([x / y, 1.0 / y], axis=1), np.ones_like(y), rcond=None)
+        if a <= 0:
+            return float(np.mean(y / x)), 0.0
+        return float(a), float(b)
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {"path": str(self.path), "model": m["model"], "img_size": m["img_size"], "backend": m["backend"],
+                "batch_size": m["batch_size"], "dtype": m["dtype"], "threads": m.get("threads"), "rows": len(self.table),
+                "dense_ms": self.dense_ms, "correction": {"scale": self.scale, "offset_ms": self.offset},
+                "fingerprint": m["fingerprint"], "date": m.get("date")}
