@@ -311,3 +311,157 @@ def _name(model: nn.Module) -> str:
     from .models import _model_name
 
     return _model_name(model.vit if isinstance(model, CaitViT) else model)
+
+
+# ---------------------------------------------------------------- retraining with dynamic CDCP
+
+
+class DynamicMasks:
+    """Dynamic CDCP for a `CaitViT` under retraining: running (EMA) channel importance per block,
+    and top-k masks whose keep counts anneal from full width to the config's targets."""
+
+    KINDS = ("qk", "v", "mlp")
+
+    def __init__(self, model: CaitViT, momentum: float = 0.9) -> None:
+        spec = model.spec
+        self.model = model
+        self.blocks = list(model.vit.blocks)
+        self.full = {"qk": spec.head_dim, "v": spec.head_dim, "mlp": spec.mlp_hidden}
+        self.targets = [{"qk": b.keep_qk, "v": b.keep_v, "mlp": b.keep_mlp} for b in model.config.blocks]
+        self.momentum = momentum
+        self.frozen = False
+        self.stats = [(ChannelStats(momentum), ChannelStats(momentum)) for _ in self.blocks]
+        self.set_keeps(lambda i, kind: self.full[kind])  # start at full width, masks present where pruned
+
+    def pruned(self, i: int, kind: str) -> bool:
+        return self.targets[i][kind] < self.full[kind]
+
+    def seed(self, calib) -> None:
+        """Start the running importance from calibration statistics of the unpruned model."""
+        for (attn, mlp), (a0, m0) in zip(self.stats, collect_channel_stats(self.model, calib)):
+            for run, first in ((attn, a0), (mlp, m0)):
+                run.sums = {k: first.mean(k) for k in first.sums}
+                run.batches = {k: 1 for k in first.sums}
+
+    def attach(self, on: bool) -> None:
+        for blk, (attn, mlp) in zip(self.blocks, self.stats):
+            blk.attn.stats, blk.mlp.stats = (attn, mlp) if on else (None, None)
+
+    def keep(self, i: int, kind: str, progress: float) -> int:
+        """Cubic anneal (gradual pruning): fast early, gentle near the target."""
+        full, target = self.full[kind], self.targets[i][kind]
+        return int(round(target + (full - target) * (1.0 - min(1.0, progress)) ** 3))
+
+    def set_keeps(self, keep: Callable[[int, str], int], ctx: Optional[Dist] = None) -> None:
+        """Re-select every mask as the top-`keep(i, kind)` channels by current importance. Under
+        torchrun the statistics are averaged over ranks first, so every rank picks the same masks."""
+        if ctx is not None and ctx.world > 1:
+            for pair in self.stats:
+                for s in pair:
+                    for k in sorted(s.sums):
+                        s.sums[k] = ctx.all_sum((s.sums[k] / s.batches[k]).to(ctx.device)).cpu() / ctx.world
+                        s.batches[k] = 1
+        for i, (blk, (attn_stats, mlp_stats)) in enumerate(zip(self.blocks, self.stats)):
+            a, m = blk.attn, blk.mlp
+            qk_s, v_s = attention_scores(a.qkv, a.proj, a.num_heads, a.head_dim, attn_stats if attn_stats.sums else None)
+            mask = {"qk": top_k_mask(qk_s, keep(i, "qk")), "v": top_k_mask(v_s, keep(i, "v")),
+                    "mlp": top_k_mask(mlp_scores(m.fc1, m.fc2, mlp_stats if mlp_stats.sums else None), keep(i, "mlp"))}
+            mask = {k: (v if self.pruned(i, k) else None) for k, v in mask.items()}
+            a.set_masks(mask["qk"], mask["v"])
+            m.set_mask(mask["mlp"])
+
+    def on_step(self, step: int, anneal_steps: int, every: int, ctx: Dist) -> None:
+        if self.frozen:
+            return
+        if step >= anneal_steps:
+            self.set_keeps(lambda i, kind: self.targets[i][kind], ctx)
+            self.frozen = True
+            self.attach(False)
+        elif step % every == 0:
+            self.set_keeps(lambda i, kind: self.keep(i, kind, step / anneal_steps), ctx)
+
+    def state_dict(self) -> dict:
+        return {"frozen": self.frozen, "stats": {f"{i}.{part}.{k}": s.sums[k] / s.batches[k]
+                                                 for i, pair in enumerate(self.stats)
+                                                 for part, s in zip(("attn", "mlp"), pair) for k in s.sums}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frozen = bool(state.get("frozen", False))
+        for key, value in state.get("stats", {}).items():
+            i, part, k = key.split(".")
+            s = self.stats[int(i)][0 if part == "attn" else 1]
+            s.sums[k], s.batches[k] = value, 1
+
+
+def retrain_compressed(
+    teacher: nn.Module,
+    config: CompressionConfig,
+    splits: Splits,
+    epochs: int,
+    out_dir: Path,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    seed: int = 0,
+    train_limit: Optional[int] = None,
+    anneal: float = 0.5,
+    mask_every: int = 10,
+    momentum: float = 0.9,
+    temperature: float = 2.0,
+    distill_weight: float = 0.7,
+    progress: bool = True,
+    device: Optional[torch.device] = None,
+) -> tuple[CaitViT, dict]:
+    """Retrain `config` applied to the dense `teacher` with distillation from it, and return the
+    materialised student (eval mode) with {"accuracy": test accuracy, "epochs", "seconds", ...}.
+
+    Loss: `distill_weight` x KL(teacher || student) at `temperature` (scaled by T^2) plus the rest
+    x cross-entropy. CDCP masks anneal to the target over the first `anneal` fraction of steps,
+    re-selected every `mask_every` steps, then freeze. `out_dir` gets state.pt (resume),
+    model.safetensors (materialised; load with `compress.load_materialized`), config.json, metrics.json."""
+    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= anneal <= 1 or mask_every < 1:
+        raise CaitsearchError("epochs, batch size and mask_every must be >= 1, lr > 0 and anneal in [0, 1].")
+    _check_classes(teacher, splits)
+    config.validate(teacher)
+    ctx = init_distributed(device)
+    teacher = teacher.to(ctx.device).eval()
+    student = compress(teacher, config).to(ctx.device)
+    masks = DynamicMasks(student, momentum)
+    train_set = _limit(splits.train, train_limit)
+    state_exists = (Path(out_dir) / STATE_FILE).is_file()
+    if not state_exists and len(splits.calib):
+        calib = [_batch(splits.calib, torch.arange(len(splits.calib))[s:s + 256]) for s in range(0, min(len(splits.calib), 512), 256)]
+        masks.seed([(x.to(ctx.device), y) for x, y in calib])
+    plan = FitPlan(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                   fingerprint={"kind": "retrain", "model": config.model, "config": config.to_dict(),
+                                "data": splits.name, "anneal": anneal, "mask_every": mask_every})
+    steps_total = max(1, len(train_set) // (max(1, batch_size // ctx.world) * ctx.world)) * epochs
+    anneal_steps = int(anneal * steps_total)
+    T = temperature
+
+    def loss_fn(net, x, y):
+        logits = net(x)
+        with torch.no_grad():
+            target = teacher(x)
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(target / T, -1), log_target=True,
+                      reduction="batchmean") * T * T
+        return distill_weight * kd + (1 - distill_weight) * F.cross_entropy(logits, y)
+
+    def resume(extra: dict) -> None:
+        masks.load_state_dict(extra)
+        masks.attach(not masks.frozen)
+
+    masks.attach(True)
+    try:
+        stats = fit(student, train_set, plan, out_dir, loss_fn, ctx,
+                    on_step=lambda step, total: masks.on_step(step, anneal_steps, mask_every, ctx),
+                    extra_state=masks.state_dict, load_extra=resume, progress=progress)
+    finally:
+        masks.attach(False)
+    if not masks.frozen:
+        masks.on_step(steps_total, anneal_steps, mask_every, ctx)
+    final = materialize(student).eval()
+    if ctx.main:
+        config.save(Path(out_dir) / CONFIG_FILE)
+    metrics = _finish(final, splits, out_dir, stats, ctx, batch_size,
+                      {"epochs": epochs, "model": config.model, "train_images": len(train_set)})
+    return final, metrics

@@ -58,14 +58,20 @@ def slice_linear(layer: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Op
 
 
 class ChannelStats:
-    """Per-channel activation statistics averaged over calibration batches."""
+    """Per-channel activation statistics averaged over calibration batches, or, with a `momentum`,
+    an exponential moving average over training steps (running importance for dynamic CDCP)."""
 
-    def __init__(self) -> None:
+    def __init__(self, momentum: Optional[float] = None) -> None:
+        self.momentum = momentum
         self.sums: dict[str, torch.Tensor] = {}
         self.batches: dict[str, int] = {}
 
     def add(self, name: str, per_channel: torch.Tensor) -> None:
         v = per_channel.detach().float().cpu()
+        if self.momentum is not None and name in self.sums:
+            self.sums[name] = self.momentum * self.sums[name] / self.batches[name] + (1 - self.momentum) * v
+            self.batches[name] = 1
+            return
         self.sums[name] = self.sums[name] + v if name in self.sums else v
         self.batches[name] = self.batches.get(name, 0) + 1
 

@@ -61,13 +61,14 @@ class CaitAttention(nn.Module):
                 for t in qkv.split([heads * dqk, heads * dqk, heads * dv], dim=-1)
             )
         q, k = self.q_norm(q), self.k_norm(k)
+        if self.stats is not None:  # before masking, so a pruned channel can still win its place back
+            with torch.no_grad():
+                self.stats.add("qk", (q * k).abs().mean(dim=(0, 2)))
+                self.stats.add("v", v.abs().mean(dim=(0, 2)))
         if self.qk_mask is not None:
             q, k = q * self.qk_mask, k * self.qk_mask
         if self.v_mask is not None:
             v = v * self.v_mask
-        if self.stats is not None:
-            self.stats.add("qk", (q * k).abs().mean(dim=(0, 2)))
-            self.stats.add("v", v.abs().mean(dim=(0, 2)))
         keys = k.mean(dim=1) if want_keys else None
         # the fused kernels need one head width for q, k and v: zero-pad the narrower side
         width = max(dqk, dv)
@@ -116,10 +117,11 @@ class CaitMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(x))
+        if self.stats is not None:  # before masking, as in CaitAttention
+            with torch.no_grad():
+                self.stats.add("act", h.abs().mean(dim=(0, 1)))
         if self.mask is not None:
             h = h * self.mask
-        if self.stats is not None:
-            self.stats.add("act", h.abs().mean(dim=(0, 1)))
         return self.drop2(self.fc2(self.norm(self.drop1(h))))
 
     def set_mask(self, mask: Optional[torch.Tensor]) -> None:
