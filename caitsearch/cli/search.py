@@ -40,6 +40,8 @@ def search(
     remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Interleaved timing rounds when re-measuring.")] = 15,
     threads: ThreadsOpt = None,
+    allow_foreign_profile: Annotated[bool, typer.Option(
+        "--allow-foreign-profile", help="Use a profile measured on another device (predictions may be off).")] = False,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it exists).")] = Path("results/search"),
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: JsonOpt = False,
@@ -73,7 +75,8 @@ def search(
         data=data, profile=profile, trials=trials, sampler=sampler, seed=seed, storage=storage,
         study_name=study_name, retrain_top=retrain_top, epochs=epochs, batch_size=batch_size,
         calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit, test_limit=test_limit,
-        remeasure=remeasure, repeats=repeats, threads=threads, progress=not no_progress and not as_json,
+        remeasure=remeasure, repeats=repeats, threads=threads,
+        allow_foreign_profile=allow_foreign_profile, progress=not no_progress and not as_json,
     )
     summary = run_search(req)
     if as_json:
@@ -89,4 +92,7 @@ def search(
         t.add_row(f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.3g}",
                   f"{c['predicted_latency_ms']:.3g}", f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
     out.print(t)
+    if not summary["candidates"]:
+        out.print(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
+                  "raise the budget, run more --trials or re-profile this machine.")
     out.print(f"results in {out_dir}/summary.json and {out_dir}/results.csv")

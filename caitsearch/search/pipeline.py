@@ -158,6 +158,34 @@ def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, b
     return {"latency_ms": dense_ms, "timing": timings["dense"].summary()}, out
 
 
+def remeasure_until_within(dense, feasible: list, spec: ModelSpec, budget: Budget, prof, device, dtype,
+                           stats_images: torch.Tensor, req: "SearchRequest", rounds: int = 3,
+                           on_round=None, advance=None) -> tuple[dict, list[Measured]]:
+    """Re-measure the best feasible trials; if fewer than --retrain-top (at least one) stay within
+    budget on this device, correct the predictions by the measured/predicted ratio seen so far and
+    try the next best trials that still fit, up to `rounds` times."""
+    wanted, measured, dense_timing, correction = max(1, req.retrain_top), [], None, 1.0
+    queue = list(feasible)
+    for _ in range(rounds):
+        batch = [t for t in queue
+                 if correction * t.user_attrs["predicted_ms"] / prof.dense_ms <= budget.ratio][: req.remeasure]
+        if not batch:
+            break
+        queue = [t for t in queue if t not in batch]
+        task = on_round(len(batch)) if on_round else None
+        dense_timing, got = remeasure(dense, batch, spec, budget, prof.manifest.get("batch_size", 32), device, dtype,
+                                      stats_images, repeats=req.repeats,
+                                      progress=(lambda: advance(task)) if advance else None)
+        for m in got:  # ratios against the dense model of the same loop, so rounds compare
+            m.timing["dense_ms"] = dense_timing["latency_ms"]
+        measured += got
+        if sum(m.within_budget for m in measured) >= wanted:
+            break
+        ratios = sorted((m.latency_ms / m.timing["dense_ms"]) / (m.predicted_ms / prof.dense_ms) for m in measured)
+        correction = max(correction, ratios[len(ratios) // 2])
+    return dense_timing, measured
+
+
 def save_state(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -234,6 +262,7 @@ class SearchRequest:
     remeasure: int = 4
     repeats: int = 15
     threads: Optional[int] = None
+    allow_foreign_profile: bool = False
     progress: bool = True
 
 
@@ -257,7 +286,7 @@ def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
     from ..profile import LatencyProfile, build_profile, default_profile_path
 
     if req.profile is not None:
-        if not Path(req.profile).is_file():
+        if not Path(req.profile).exists():
             raise CaitsearchError(f"profile {req.profile} does not exist; build one with `caitsearch profile`.")
         path = Path(req.profile)
     else:
@@ -266,7 +295,7 @@ def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
             _log(f"no latency profile for {model_name} at {path}; profiling this machine first")
             path = build_profile(model_name, img_size=spec.img_size, backend="torch-cpu", batch_size=32,
                                  dtype="fp32", threads=req.threads, out=path, progress=req.progress)
-    prof = LatencyProfile.load(path)
+    prof = LatencyProfile.load(path, allow_foreign=req.allow_foreign_profile)
     prof.check_model(spec)
     return prof
 
@@ -288,6 +317,8 @@ def run_search(req: SearchRequest) -> dict:
     probe = create_model(name, img_size=req.img_size)
     spec = ModelSpec.from_model(probe)
     prof = load_profile(req, spec, name)
+    if req.threads is None and prof.manifest.get("threads"):
+        threads = set_threads(int(prof.manifest["threads"]))  # time candidates as the profile was timed
     budget = Budget.resolve(req.budget, req.budget_ms, prof.dense_ms)
     space = SearchSpace(spec)
     predict = prof.predict
@@ -332,16 +363,16 @@ def run_search(req: SearchRequest) -> dict:
                           on_trial=lambda done: bars.update(task, completed=min(done, req.trials)))
     write_table(run_dir, "trials", trial_rows(study), csv=False)
 
-    best = st.feasible_trials(study)[: max(req.remeasure, req.retrain_top)]
-    if not best:
+    feasible = st.feasible_trials(study)
+    if not feasible:
         raise CaitsearchError(f"no trial of study '{req.study_name}' is predicted within the budget; "
                               "run more --trials or raise the budget.")
     device, dtype = _device_dtype(prof.manifest)
     with _progress(req.progress) as bars:
-        task = bars.add_task("re-measuring", total=req.repeats)
-        dense_timing, measured = remeasure(dense, best, spec, budget, prof.manifest.get("batch_size", 32), device,
-                                           dtype, proxy.stats_images, repeats=req.repeats,
-                                           progress=lambda: bars.advance(task))
+        dense_timing, measured = remeasure_until_within(
+            dense, feasible, spec, budget, prof, device, dtype, proxy.stats_images, req,
+            on_round=lambda n: bars.add_task(f"re-measuring {n} candidates", total=req.repeats),
+            advance=lambda task: bars.advance(task))
     dense.to("cpu", torch.float32)
     measured.sort(key=lambda m: (not m.within_budget, m.proxy["kl"]))
     dense_acc = _evaluate(dense, splits.test, req.batch_size)
@@ -353,7 +384,7 @@ def run_search(req: SearchRequest) -> dict:
         metrics = candidate(dense, m, splits, folder, req, retrain, proxy.stats_images) if m.within_budget else None
         row = {"rank": rank, "trial": m.trial, "within_budget": m.within_budget, "retrained": bool(metrics and metrics["retrained"]),
                "accuracy": metrics["accuracy"] if metrics else None, "latency_ms": m.latency_ms,
-               "predicted_latency_ms": m.predicted_ms, "speedup": dense_timing["latency_ms"] / m.latency_ms,
+               "predicted_latency_ms": m.predicted_ms, "speedup": m.timing["dense_ms"] / m.latency_ms,
                "proxy_kl": m.proxy["kl"], "proxy_agreement": m.proxy["agreement"],
                "macs": m.config.macs(spec)["total"], "config_path": str(folder / "config.json") if metrics else None}
         rows.append(row)
