@@ -6,6 +6,8 @@ compressed path re-implements the block forward and must not silently drop a fea
 """
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -142,8 +144,14 @@ def load_state(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, wrong format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CaitsearchError(
+            f"cannot read checkpoint {path}: it is not a plain weights file (loading it would run code, which caitsearch never does)."
+        ) from e
+    except Exception as e:  # corrupt or truncated file, wrong format
         raise CaitsearchError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
