@@ -243,21 +243,19 @@ def check_backend(backend: str, dtype: str) -> None:
         raise CaitsearchError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
     if dtype not in DTYPES:
         raise CaitsearchError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
+    missing = []
     if backend in ("cuda", "tensorrt") and not torch.cuda.is_available():
-        raise CaitsearchError(
-            f"backend {backend} needs an NVIDIA GPU and a CUDA build of torch; torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda or 'none'}) sees no GPU here."
-        )
+        missing.append(f"an NVIDIA GPU visible to a CUDA build of torch (torch {torch.__version__}, "
+                       f"CUDA {torch.version.cuda or 'none'}, sees none)")
     if backend == "tensorrt":
         try:
             import tensorrt  # noqa: F401
         except ImportError:
-            raise CaitsearchError(
-                "backend tensorrt needs the TensorRT Python package, which is not installed here "
-                "(pip install 'caitsearch[tensorrt]')."
-            ) from None
-        if dtype == "bf16":
-            raise CaitsearchError("the tensorrt backend profiles fp32 or fp16; bf16 is for the cuda backend.")
+            missing.append("the TensorRT Python package (pip install 'caitsearch[tensorrt]')")
+    if missing:
+        raise CaitsearchError(f"backend {backend} needs {' and '.join(missing)}.")
+    if backend == "tensorrt" and dtype == "bf16":
+        raise CaitsearchError("the tensorrt backend profiles fp32 or fp16; bf16 is for the cuda backend.")
 
 
 def make_backend(backend: str, dtype: str, threads: Optional[int] = None, cuda_graphs: bool = False,

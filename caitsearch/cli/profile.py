@@ -1,0 +1,99 @@
+"""`profile` (measure a latency table on this machine) and `profile validate` (score its predictor)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..models import DEFAULT_MODEL
+from .app import app, emit_json, out
+from .common import BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
+
+profile_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
+app.add_typer(profile_app, name="profile")
+
+AllowForeignOpt = Annotated[bool, typer.Option(
+    "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one.")]
+
+
+@profile_app.callback(invoke_without_command=True)
+def profile(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    img_size: ImgSizeOpt = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch-cpu, cuda (PyTorch) or tensorrt (one engine per block shape).")] = "torch-cpu",
+    batch_size: BatchOpt = 32,
+    dtype: DtypeOpt = "fp32",
+    threads: ThreadsOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile directory (default: hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Coarser table, fewer repeats: a smoke test in seconds, not a profile to trust.")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="cuda backend: replay every measured module as a CUDA graph.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the latency of every block shape the search space can produce, on this machine.
+
+    The table is factored (attention by tokens and qk/v widths, MLP by tokens and hidden width,
+    merge by tokens and axis, stem, head) and interpolated between sampled points; whole random
+    configs are timed too, to fit the predictor's correction. Killing the command and running it
+    again resumes where it stopped. The profile lands in a directory with table.parquet,
+    table.csv and manifest.json (device fingerprint, settings, date).
+
+    Examples:
+
+      caitsearch profile --model deit_small_patch16_224 --batch-size 32 --threads 2
+
+      caitsearch profile --backend cuda --dtype fp16 --model deit_tiny_patch16_224
+
+      caitsearch profile validate hw_profiles/deit_small_patch16_224_224x224_torch-cpu_b32_fp32 --configs 50
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..profile import LatencyProfile, build_profile
+
+    path = build_profile(model or DEFAULT_MODEL, img_size=img_size, backend=backend, batch_size=batch_size,
+                         dtype=dtype, threads=threads, out=out_dir, quick=quick, progress=not as_json,
+                         cuda_graphs=cuda_graphs)
+    summary = LatencyProfile.load(path).summary()
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
+              f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
+              f"(correction {summary['correction']['scale']:.3f} x sum + {summary['correction']['offset_ms']:.2f} ms)")
+
+
+@profile_app.command()
+def validate(
+    profile_path: Annotated[Path, typer.Argument(metavar="PROFILE", help="Profile directory (or its manifest.json).")],
+    configs: Annotated[int, typer.Option("--configs", min=2, help="Random configs to measure end to end.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", min=1, help="Seed of the random configs (0 is the one the correction was fitted on).")] = 1,
+    allow_foreign: AllowForeignOpt = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where validation.json and validation.png go (default: the profile directory).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure random configs end to end and score the profile's latency predictions.
+
+    Reports MAPE, the share of configs within ±5% and ±10% of the measured latency, and the
+    Spearman rank correlation, and writes a predicted-vs-measured scatter plot.
+
+    Example:
+
+      caitsearch profile validate hw_profiles/deit_fmnist_patch4_32_32x32_torch-cpu_b32_fp32 --configs 50
+    """
+    from ..profile import validate_profile
+
+    result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,
+                              out=out_dir, progress=not as_json)
+    if as_json:
+        emit_json(result)
+        return
+    t = Table(title=f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
+                    f"{result['configs']} random configs")
+    for col in ("MAPE", "within ±5%", "within ±10%", "Spearman", "worst"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{result['mape_pct']:.1f}%", f"{result['within_5pct']:.0%}", f"{result['within_10pct']:.0%}",
+              f"{result['spearman']:.3f}", f"{result['max_error_pct']:.1f}%")
+    out.print(t)
+    out.print(f"scatter plot: {result['plot']}")

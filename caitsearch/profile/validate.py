@@ -1,0 +1,116 @@
+"""Check a profile's predictor against end-to-end measurements of random configs.
+
+Random configs of the profile's search space (a different seed from the ones the correction was
+fitted on) are materialised, timed end to end on the profile's backend in interleaved groups, and
+compared with `LatencyProfile.predict`: MAPE, the share within ±5% and ±10%, and Spearman rank
+correlation, plus a predicted-vs-measured scatter plot.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import CaitsearchError
+from ..io import atomic_write, atomic_write_text
+from ..models import create_model
+from ..space import SearchSpace
+from .backends import make_backend
+from .build import measure_group
+from .plan import FULL, QUICK, Entry
+from .predictor import LatencyProfile
+
+
+def spearman(a, b) -> float:
+    """Rank correlation (Pearson on average ranks), without SciPy."""
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def metrics(predicted, measured) -> dict:
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    err = np.abs(p - m) / m
+    return {"configs": len(m), "mape_pct": float(100 * err.mean()), "within_5pct": float((err <= 0.05).mean()),
+            "within_10pct": float((err <= 0.10).mean()), "spearman": spearman(p, m),
+            "max_error_pct": float(100 * err.max())}
+
+
+def scatter_plot(path: Path, predicted, measured, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    lo, hi = 0.9 * min(min(predicted), min(measured)), 1.1 * max(max(predicted), max(measured))
+    line = np.linspace(lo, hi, 2)
+    ax.fill_between(line, 0.9 * line, 1.1 * line, color="0.9", label="±10%")
+    ax.fill_between(line, 0.95 * line, 1.05 * line, color="0.8", label="±5%")
+    ax.plot(line, line, "k-", lw=0.8)
+    ax.scatter(measured, predicted, s=14, color="C0", zorder=3)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured ms / batch", ylabel="predicted ms / batch", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def validate_profile(
+    path: Union[str, Path],
+    configs: int = 50,
+    seed: int = 1,
+    allow_foreign: bool = False,
+    out: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> dict:
+    """Measure `configs` random configs end to end and score the profile's predictions; writes
+    `validation.json` and `validation.png` into `out` (default: the profile directory)."""
+    if configs < 2:
+        raise CaitsearchError("validation needs at least 2 configs.")
+    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
+    m = prof.manifest
+    if seed == 0:
+        raise CaitsearchError("seed 0 drew the configs the correction was fitted on; pick another --seed.")
+    model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
+    prof.check_model(model)
+    space = SearchSpace(prof.spec, **m["space"])
+    res = QUICK if m.get("quick") else FULL
+    be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
+    rng = random.Random(seed)
+    cfgs = [space.random_config(rng) for _ in range(configs)]
+    entries = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in cfgs]
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..cli.app import console
+
+    rows = []
+    bar = Progress(TextColumn("[bold]validate[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console, disable=not progress)
+    with bar, torch.inference_mode():
+        task = bar.add_task("", total=len(entries))
+        for i in range(0, len(entries), res.e2e_group):
+            group = entries[i:i + res.e2e_group]
+            rows += measure_group(group, model, prof.spec, space, be, m["batch_size"], res)
+            bar.advance(task, len(group))
+    measured = [r["median_ms"] for r in rows]
+    predicted = [prof.predict(c) for c in cfgs]
+    result = {**metrics(predicted, measured), "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
+              "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed,
+              "correction": {"scale": prof.scale, "offset_ms": prof.offset}}
+    target = Path(out) if out else prof.path
+    per_config = [{"predicted_ms": p, "measured_ms": r["median_ms"], "p90_ms": r["p90_ms"], "spread": r["spread"],
+                   "config": c.to_dict()} for p, r, c in zip(predicted, rows, cfgs)]
+    result["plot"] = str(target / "validation.png")
+    atomic_write_text(target / "validation.json", json.dumps({**result, "configs_detail": per_config}, indent=1) + "\n")
+    title = (f"{m['model']} {m['backend']} b{m['batch_size']} {m['dtype']}\n"
+             f"MAPE {result['mape_pct']:.1f}%, ±10% {result['within_10pct']:.0%}, ρ {result['spearman']:.3f}")
+    scatter_plot(target / "validation.png", predicted, measured, title)
+    return result
