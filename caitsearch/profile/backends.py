@@ -251,7 +251,7 @@ def check_backend(backend: str, dtype: str) -> None:
         try:
             import tensorrt  # noqa: F401
         except ImportError:
-            missing.append("the TensorRT Python package (pip install 'caitsearch[tensorrt]')")
+            missing.append("the TensorRT Python package (pip install tensorrt)")
     if missing:
         raise CaitsearchError(f"backend {backend} needs {' and '.join(missing)}.")
     if backend == "tensorrt" and dtype == "bf16":
