@@ -1,0 +1,187 @@
+"""Latency profiles: build, reload, predict, resume after SIGKILL, refuse foreign or damaged tables."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from caitsearch.config import CompressionConfig
+from caitsearch.errors import CaitsearchError
+from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
+from caitsearch.profile import LatencyProfile, build_profile, default_profile_path, validate_profile
+from caitsearch.profile.backends import check_backend
+from caitsearch.profile.validate import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prof") / "default"
+    return build_profile(DEFAULT_MODEL, threads=1, batch_size=16, out=out, quick=True, progress=False)
+
+
+def test_profile_builds_reloads_and_predicts(profile_dir):
+    prof = LatencyProfile.load(profile_dir)
+    m = prof.manifest
+    assert m["model"] == DEFAULT_MODEL and m["batch_size"] == 16 and m["threads"] == 1 and m["complete"]
+    assert m["fingerprint"]["threads"] == 1 and m["fingerprint"]["logical_cores"] >= 1
+    table = pd.read_parquet(profile_dir / "table.parquet")
+    assert table["key"].is_unique and len(table) == m["rows"]
+    assert len(pd.read_csv(profile_dir / "table.csv")) == len(table)
+    assert set(table["kind"]) == {"stem", "attn", "merge", "mlp", "head", "e2e"}
+    assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
+
+    spec = prof.spec
+    dense = CompressionConfig.dense(spec)
+    # at sampled points the raw estimate is exactly the sum of table rows
+    t, full = table, spec.num_tokens
+    attn = t[(t.kind == "attn") & (t.tokens == full) & (t.qk == spec.head_dim) & (t.v == spec.head_dim)].median_ms.item()
+    mlp = t[(t.kind == "mlp") & (t.tokens == full) & (t.mlp == spec.mlp_hidden)].median_ms.item()
+    head = t[(t.kind == "head") & (t.tokens == full)].median_ms.item()
+    stem = t[t.kind == "stem"].median_ms.item()
+    assert prof.raw(dense) == pytest.approx(stem + spec.depth * (attn + mlp) + head)
+    assert prof.dense_ms == pytest.approx(prof.scale * prof.raw(dense) + prof.offset)
+
+    small = CompressionConfig.uniform(spec, keep_rate=0.25, merge_every=1, merge_fraction=0.5)
+    assert 0 < prof.predict(small) < prof.dense_ms
+    prof.check_model(create_model(DEFAULT_MODEL))
+    with pytest.raises(CaitsearchError, match="is for deit_fmnist_patch4_32"):
+        prof.check_model(create_model("deit_tiny_patch16_224", img_size=(64, 64)))
+    assert default_profile_path(DEFAULT_MODEL, (32, 32)) == Path("hw_profiles/deit_fmnist_patch4_32_32x32_torch-cpu_b32_fp32")
+
+
+def test_killed_profile_resumes_to_the_same_keys(profile_dir, tmp_path):
+    out = tmp_path / "killed"
+    code = (f"from caitsearch.profile import build_profile; "
+            f"build_profile('{DEFAULT_MODEL}', threads=1, batch_size=16, out=r'{out}', quick=True, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not (out / "table.parquet").exists():
+            assert proc.poll() is None, "the profile subprocess ended before writing its first group"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"], "killed too late to test resuming"
+    partial = pd.read_parquet(out / "table.parquet")
+    with pytest.raises(CaitsearchError, match="unfinished"):
+        LatencyProfile.load(out)
+
+    build_profile(DEFAULT_MODEL, threads=1, batch_size=16, out=out, quick=True, progress=False)
+    resumed = pd.read_parquet(out / "table.parquet")
+    uninterrupted = pd.read_parquet(profile_dir / "table.parquet")
+    assert resumed["key"].is_unique
+    assert set(resumed["key"]) == set(uninterrupted["key"])
+    assert set(partial["key"]) < set(resumed["key"])
+    # rows measured before the kill are kept as they were
+    kept = resumed.set_index("key").loc[partial["key"], "median_ms"].to_numpy()
+    assert (kept == partial["median_ms"].to_numpy()).all()
+    LatencyProfile.load(out)
+    with pytest.raises(CaitsearchError, match="other settings"):
+        build_profile(DEFAULT_MODEL, threads=1, batch_size=8, out=out, quick=True, progress=False)
+
+
+def test_foreign_fingerprint_is_refused(profile_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(profile_dir, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["fingerprint"]["cpu"] = "Some Other CPU 9000"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CaitsearchError, match="another device.*Some Other CPU.*--allow-foreign-profile"):
+        LatencyProfile.load(foreign)
+    assert LatencyProfile.load(foreign, allow_foreign=True).dense_ms > 0
+    cli = [sys.executable, "-c", "from caitsearch.cli import main; main()"]
+    run = subprocess.run(cli + ["profile", "validate", str(foreign), "--configs", "2"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "another device" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_or_truncated_table_is_refused(profile_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(profile_dir, bad)
+    data = (bad / "table.parquet").read_bytes()
+    (bad / "table.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CaitsearchError, match="does not match its manifest"):
+        LatencyProfile.load(bad)
+    # a manifest that vouches for the truncated file still cannot make it readable
+    import hashlib
+
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["table_sha256"] = hashlib.sha256(data[: len(data) // 2]).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CaitsearchError, match="corrupt or truncated"):
+        LatencyProfile.load(bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(CaitsearchError, match="not a readable profile manifest"):
+        LatencyProfile.load(bad)
+    with pytest.raises(CaitsearchError, match="manifest.json is missing"):
+        LatencyProfile.load(tmp_path / "nowhere")
+
+
+def test_validation_reports_every_metric(profile_dir, tmp_path):
+    result = validate_profile(profile_dir, configs=3, out=tmp_path, progress=False)
+    for key in ("mape_pct", "within_5pct", "within_10pct", "spearman", "max_error_pct"):
+        assert key in result
+    assert result["configs"] == 3 and 0 <= result["within_5pct"] <= result["within_10pct"] <= 1
+    assert (tmp_path / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    detail = json.loads((tmp_path / "validation.json").read_text())["configs_detail"]
+    assert len(detail) == 3 and all(d["measured_ms"] > 0 for d in detail)
+
+
+def test_metrics_are_computed_correctly():
+    m = metrics([110.0, 95.0, 300.0, 40.0], [100.0, 100.0, 200.0, 50.0])
+    assert m["mape_pct"] == pytest.approx(100 * (0.10 + 0.05 + 0.5 + 0.2) / 4)
+    assert m["within_5pct"] == 0.25 and m["within_10pct"] == 0.5
+    # ranks (3, 2, 4, 1) against (2.5, 2.5, 4, 1): Pearson on ranks, ties averaged
+    assert m["spearman"] == pytest.approx(4.5 / (5.0 * 4.5) ** 0.5)
+    assert m["max_error_pct"] == pytest.approx(50.0)
+
+
+def test_missing_gpu_or_tensorrt_is_one_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present, so the cuda backend is not missing")
+    with pytest.raises(CaitsearchError, match="needs an NVIDIA GPU"):
+        check_backend("cuda", "fp16")
+    with pytest.raises(CaitsearchError, match="TensorRT Python package|NVIDIA GPU"):
+        check_backend("tensorrt", "fp16")
+    with pytest.raises(CaitsearchError, match="--backend must be one of"):
+        check_backend("tpu", "fp32")
+
+
+def test_cuda_profile(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    path = build_profile(DEFAULT_MODEL, backend="cuda", dtype="fp16", batch_size=32, out=tmp_path / "cuda",
+                         quick=True, progress=False)
+    prof = LatencyProfile.load(path)
+    assert prof.manifest["fingerprint"]["gpu"] and prof.dense_ms > 0
+    table = prof.table
+    assert table["sm_clock_mhz"].notna().any()
+    result = validate_profile(path, configs=4, progress=False)
+    assert 0 <= result["within_10pct"] <= 1
+
+
+def test_tensorrt_profile(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("tensorrt", reason="needs the TensorRT Python package")
+    path = build_profile(DEFAULT_MODEL, backend="tensorrt", dtype="fp16", batch_size=32, out=tmp_path / "trt",
+                         quick=True, progress=False)
+    prof = LatencyProfile.load(path)
+    assert prof.manifest["fingerprint"]["tensorrt"] and prof.dense_ms > 0
