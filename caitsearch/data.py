@@ -13,6 +13,7 @@ is black; ImageFolder images are resized to the frame.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass, field
@@ -134,7 +135,11 @@ def fashion_mnist_dir() -> Path:
 
 def read_fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images `(N, 1, 28, 28)` and int64 labels of the "train" or "test" split."""
-    root = fashion_mnist_dir()
+    return _read_fashion_mnist(fashion_mnist_dir(), split)
+
+
+@functools.lru_cache(maxsize=4)  # decompressing 60k images takes seconds; the arrays are never written to
+def _read_fashion_mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     paths = [root / name for name in FASHION_MNIST_FILES[split]]
     if not all(p.is_file() for p in paths):
         raise CaitsearchError(

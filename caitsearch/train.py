@@ -286,18 +286,19 @@ def train_dense(
     seed: int = 0,
     train_limit: Optional[int] = None,
     label_smoothing: float = 0.1,
+    save_every: int = 50,
     progress: bool = True,
     device: Optional[torch.device] = None,
 ) -> dict:
     """Train (or fine-tune) a dense timm model in place; writes `model.safetensors` and
     `metrics.json` to `out_dir` and returns the metrics ({"accuracy": test accuracy, ...})."""
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise CaitsearchError("epochs and batch size must be >= 1 and the learning rate > 0.")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or save_every < 1:
+        raise CaitsearchError("epochs, batch size and save_every must be >= 1 and the learning rate > 0.")
     _check_classes(model, splits)
     ctx = init_distributed(device)
     model.to(ctx.device)
     train_set = _limit(splits.train, train_limit)
-    plan = FitPlan(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    plan = FitPlan(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, save_every=save_every,
                    fingerprint={"kind": "dense", "model": _name(model), "data": splits.name})
 
     def loss_fn(net, x, y):
@@ -408,6 +409,7 @@ def retrain_compressed(
     momentum: float = 0.9,
     temperature: float = 2.0,
     distill_weight: float = 0.7,
+    save_every: int = 50,
     progress: bool = True,
     device: Optional[torch.device] = None,
 ) -> tuple[CaitViT, dict]:
@@ -418,8 +420,8 @@ def retrain_compressed(
     x cross-entropy. CDCP masks anneal to the target over the first `anneal` fraction of steps,
     re-selected every `mask_every` steps, then freeze. `out_dir` gets state.pt (resume),
     model.safetensors (materialised; load with `compress.load_materialized`), config.json, metrics.json."""
-    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= anneal <= 1 or mask_every < 1:
-        raise CaitsearchError("epochs, batch size and mask_every must be >= 1, lr > 0 and anneal in [0, 1].")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= anneal <= 1 or mask_every < 1 or save_every < 1:
+        raise CaitsearchError("epochs, batch size, mask_every and save_every must be >= 1, lr > 0 and anneal in [0, 1].")
     _check_classes(teacher, splits)
     config.validate(teacher)
     ctx = init_distributed(device)
@@ -431,7 +433,7 @@ def retrain_compressed(
     if not state_exists and len(splits.calib):
         calib = [_batch(splits.calib, torch.arange(len(splits.calib))[s:s + 256]) for s in range(0, min(len(splits.calib), 512), 256)]
         masks.seed([(x.to(ctx.device), y) for x, y in calib])
-    plan = FitPlan(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    plan = FitPlan(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, save_every=save_every,
                    fingerprint={"kind": "retrain", "model": config.model, "config": config.to_dict(),
                                 "data": splits.name, "anneal": anneal, "mask_every": mask_every})
     steps_total = max(1, len(train_set) // (max(1, batch_size // ctx.world) * ctx.world)) * epochs

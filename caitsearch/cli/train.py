@@ -1,6 +1,7 @@
 """`train`: the dense baseline, or distillation retraining of a compressed config."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,6 +40,7 @@ def train(
     calib_size: CalibOpt = 1000,
     train_limit: TrainLimitOpt = None,
     test_limit: TestLimitOpt = None,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resume checkpoints.")] = 50,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -85,12 +87,14 @@ def train(
         from ..train import train_dense
 
         metrics = train_dense(dense, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 1e-3, seed=seed,
-                              train_limit=train_limit, progress=not as_json, device=dev)
+                              train_limit=train_limit, save_every=save_every, progress=not as_json, device=dev)
     else:
         from ..train import retrain_compressed
 
         _, metrics = retrain_compressed(dense, cfg, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 5e-4,
-                                        seed=seed, train_limit=train_limit, progress=not as_json, device=dev)
+                                        seed=seed, train_limit=train_limit, save_every=save_every, progress=not as_json, device=dev)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         emit_json(metrics)
     else:

@@ -1,0 +1,150 @@
+"""Training: dense on an ImageFolder, dynamic-CDCP retraining, SIGKILL and resume, torchrun DDP, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from caitsearch.compress import compress, load_materialized
+from caitsearch.config import CompressionConfig
+from caitsearch.data import load_dataset
+from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model, load_state
+from caitsearch.train import DynamicMasks, evaluate, retrain_compressed, save_model, train_dense
+from test_data import needs_fmnist, write_image_folder
+
+VENV_BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny_config(model) -> CompressionConfig:
+    """Half the widths everywhere, two column merges: a real compressed target."""
+    return CompressionConfig.uniform(model, 0.5, 3)
+
+
+def dense_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "dense.safetensors"
+    save_model(create_model(DEFAULT_MODEL), path)
+    return path
+
+
+def cli(*args, env=ENV, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "caitsearch"), *map(str, args)], capture_output=True, text=True, env=env, **kw)
+
+
+def test_dense_training_on_an_image_folder_learns_and_saves(tmp_path):
+    torch.manual_seed(0)
+    root = write_image_folder(tmp_path / "tiny")
+    model = create_model(DEFAULT_MODEL, num_classes=2)
+    splits = load_dataset(root, ModelSpec.from_model(model), calib_size=2)
+    metrics = train_dense(model, splits, epochs=4, out_dir=tmp_path / "run", batch_size=8, lr=1e-3, progress=False)
+    assert metrics["accuracy"] == 1.0 and metrics["steps"] == 4 * (22 // 8)  # bright vs dark is easy
+    reloaded = create_model(DEFAULT_MODEL, num_classes=2, checkpoint=tmp_path / "run" / "model.safetensors")
+    assert evaluate(reloaded, splits.test) == 1.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["accuracy"] == 1.0
+
+
+def test_dynamic_masks_anneal_and_dropped_channels_keep_their_importance():
+    torch.manual_seed(0)
+    model = create_model(DEFAULT_MODEL)
+    student = compress(model, tiny_config(model))
+    masks = DynamicMasks(student)
+    qk_full, qk_target = masks.full["qk"], masks.targets[0]["qk"]
+    assert [masks.keep(0, "qk", p) for p in (0.0, 1.0)] == [qk_full, qk_target]
+    assert qk_target < masks.keep(0, "qk", 0.5) < qk_full
+    assert float(student.vit.blocks[0].attn.qk_mask.sum()) == qk_full  # starts at full width
+    masks.set_keeps(lambda i, kind: masks.targets[i][kind])
+    mask = student.vit.blocks[0].mlp.mask
+    assert float(mask.sum()) == masks.targets[0]["mlp"]
+    masks.attach(True)
+    student(torch.randn(4, 1, 32, 32))
+    act = masks.stats[0][1].mean("act")
+    assert bool((act[mask == 0] > 0).all())  # measured before masking: a pruned channel can come back
+
+
+@needs_fmnist
+def test_retrain_materialises_the_target_widths_and_saved_weights_reload(tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model(DEFAULT_MODEL)
+    cfg = tiny_config(teacher)
+    splits = load_dataset("fashion-mnist", ModelSpec.from_model(teacher), calib_size=64, test_limit=64)
+    student, metrics = retrain_compressed(teacher, cfg, splits, 1, tmp_path / "rt", batch_size=32,
+                                          train_limit=256, mask_every=2, progress=False)
+    blk = student.vit.blocks[0]
+    assert blk.attn.dim_qk == cfg.blocks[0].keep_qk and blk.mlp.fc1.out_features == cfg.blocks[0].keep_mlp
+    assert blk.attn.qk_mask is None and metrics["steps"] == 8 and 0 <= metrics["accuracy"] <= 1
+    reloaded = load_materialized(teacher, cfg, load_state(tmp_path / "rt" / "model.safetensors")).eval()
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(reloaded(x), student(x))
+    assert CompressionConfig.load(tmp_path / "rt" / "config.json") == cfg
+
+
+@needs_fmnist
+def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path):
+    ckpt = dense_checkpoint(tmp_path)
+    cfg_path = tmp_path / "cfg.json"
+    tiny_config(create_model(DEFAULT_MODEL)).save(cfg_path)
+    out = tmp_path / "rt"
+    args = ["train", "--config", cfg_path, "--checkpoint", ckpt, "--epochs", 2, "--train-limit", 640,
+            "--batch-size", 16, "--test-limit", 32, "--calib-size", 64, "--save-every", 4, "--threads", 1,
+            "--out", out, "--json"]
+    proc = subprocess.Popen([str(VENV_BIN / "caitsearch"), *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = out / "state.pt"
+    deadline = time.time() + 120
+    while not state.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = torch.load(state, weights_only=True)["step"]
+    assert 4 <= saved < 80 and not (out / "metrics.json").exists()
+
+    done = cli(*args, timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["resumed_from_step"] >= saved and metrics["steps"] == 80
+    assert torch.load(state, weights_only=True)["step"] == 80
+    assert (out / "model.safetensors").is_file()
+
+
+@needs_fmnist
+def test_retraining_under_torchrun_with_two_processes_gives_a_working_checkpoint(tmp_path):
+    ckpt = dense_checkpoint(tmp_path)
+    teacher = create_model(DEFAULT_MODEL, checkpoint=ckpt)
+    cfg = tiny_config(teacher)
+    cfg.save(tmp_path / "cfg.json")
+    out = tmp_path / "ddp"
+    run = subprocess.run(
+        [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "caitsearch", "train",
+         "--config", str(tmp_path / "cfg.json"), "--checkpoint", str(ckpt), "--epochs", "1", "--train-limit", "128",
+         "--batch-size", "32", "--test-limit", "64", "--calib-size", "64", "--threads", "1", "--out", str(out), "--json"],
+        capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads(run.stdout)  # rank 0 alone prints
+    assert metrics["steps"] == 4 and metrics["test_images"] == 64
+    student = load_materialized(teacher, cfg, load_state(out / "model.safetensors")).eval()
+    splits = load_dataset("fashion-mnist", ModelSpec.from_model(teacher), calib_size=64, test_limit=64)
+    assert evaluate(student, splits.test) == pytest.approx(metrics["accuracy"])
+
+
+def test_cli_missing_dataset_and_foreign_checkpoint_exit_2_with_one_line(tmp_path):
+    env = {**ENV, "CAITSEARCH_FASHION_MNIST": str(tmp_path / "empty")}
+    missing = cli("train", "--epochs", 1, "--out", tmp_path / "a", env=env)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "apt-get install -y dataset-fashion-mnist" in missing.stderr
+
+    foreign = tmp_path / "tiny.safetensors"
+    save_model(create_model("deit_tiny_patch16_224", img_size=(32, 32), num_classes=2), foreign)
+    root = write_image_folder(tmp_path / "imgs")
+    wrong = cli("train", "--data", root, "--checkpoint", foreign, "--epochs", 1, "--out", tmp_path / "b")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert "does not fit model deit_fmnist_patch4_32" in wrong.stderr
