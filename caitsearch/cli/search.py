@@ -76,7 +76,7 @@ def search(
         study_name=study_name, retrain_top=retrain_top, epochs=epochs, batch_size=batch_size,
         calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit, test_limit=test_limit,
         remeasure=remeasure, repeats=repeats, threads=threads,
-        allow_foreign_profile=allow_foreign_profile, progress=not no_progress and not as_json,
+        allow_foreign_profile=allow_foreign_profile, progress=not no_progress and not as_json, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:

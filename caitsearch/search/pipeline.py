@@ -263,7 +263,8 @@ class SearchRequest:
     repeats: int = 15
     threads: Optional[int] = None
     allow_foreign_profile: bool = False
-    progress: bool = True
+    progress: bool = True  # bars on stderr
+    echo: bool = True  # the space and budget lines on stdout (off for --json)
 
 
 def _progress(enabled: bool):
@@ -279,6 +280,12 @@ def _log(message: str) -> None:
     from ..cli.app import console
 
     console.print(message, highlight=False, soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    from ..cli.app import out
+
+    out.print(message, highlight=False, soft_wrap=True)
 
 
 def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
@@ -324,11 +331,12 @@ def run_search(req: SearchRequest) -> dict:
     predict = prof.predict
     described = describe_space(space, predict)
     described["dense_predicted_ms"] = float(prof.dense_ms)
+    say = _say if req.echo else (lambda message: None)
     for corner in ("min", "mid", "max"):
         c = described["corners"][corner]
-        _log(f"space {corner}: {c['predicted_ms']:.3g} ms predicted ({c['predicted_ms'] / prof.dense_ms:.2f}x dense), "
+        say(f"space {corner}: {c['predicted_ms']:.3g} ms predicted ({c['predicted_ms'] / prof.dense_ms:.2f}x dense), "
              f"{c['mac_ratio']:.2f}x dense MACs")
-    _log(f"budget: {budget.ms:.3g} ms per batch of {prof.manifest.get('batch_size')} ({budget.ratio:.2f}x dense)")
+    say(f"budget: {budget.ms:.3g} ms per batch of {prof.manifest.get('batch_size')} ({budget.ratio:.2f}x dense)")
     check_reachable(budget, described)
 
     run_dir = Path(req.out)
@@ -459,7 +467,7 @@ def candidate(dense: nn.Module, m: Measured, splits, folder: Path, req: SearchRe
 
         model, metrics = retrain_compressed(dense, m.config, splits, req.epochs, folder, batch_size=req.batch_size,
                                             seed=req.seed, train_limit=req.train_limit, progress=req.progress)
-        accuracy = _evaluate(model, splits.test, req.batch_size)
+        accuracy = float(metrics["accuracy"])  # the trainer's test accuracy of the materialised model
     else:
         model = materialize(compress(dense, m.config, stats_images)).eval()
         accuracy = _evaluate(model, splits.test, req.batch_size)

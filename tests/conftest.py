@@ -1,0 +1,64 @@
+"""Shared fixtures: a quick latency profile and a briefly trained checkpoint of the embedded default
+model, a tiny Fashion-MNIST slice, a throwaway PostgreSQL server, and a CLI runner."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `caitsearch ARGS` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "caitsearch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> str:
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    return "fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def quick_profile(tmp_path_factory) -> Path:
+    """A quick one-thread torch-cpu latency profile of the default model, built once per session."""
+    from caitsearch.models import DEFAULT_MODEL
+    from caitsearch.profile import build_profile
+
+    return build_profile(DEFAULT_MODEL, threads=1, out=tmp_path_factory.mktemp("profile") / "default",
+                         quick=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoint(tmp_path_factory, fashion_mnist) -> Path:
+    """The default model trained for one epoch on 1024 Fashion-MNIST images: a real teacher, fast."""
+    import torch
+
+    from caitsearch.data import load_dataset
+    from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
+    from caitsearch.train import MODEL_FILE, train_dense
+
+    torch.manual_seed(0)
+    model = create_model(DEFAULT_MODEL)
+    splits = load_dataset(fashion_mnist, ModelSpec.from_model(model), calib_size=256, train_limit=1024, test_limit=256)
+    out = tmp_path_factory.mktemp("dense")
+    train_dense(model, splits, epochs=1, out_dir=out, batch_size=128, progress=False)
+    return out / MODEL_FILE
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL server on 127.0.0.1 for the session (skipped where it is not installed)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from postgres import find_bin_dir, postgres_server
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed (apt-get install -y postgresql)")
+    with postgres_server(bin_dir) as url:
+        yield url

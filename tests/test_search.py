@@ -1,0 +1,200 @@
+"""The latency-budgeted search, end to end on tiny real settings: a real timm ViT, a real latency
+profile, real Optuna storages (SQLite, PostgreSQL), real Fashion-MNIST and a real ImageFolder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from caitsearch.config import CompressionConfig
+from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
+from caitsearch.search import (
+    AccuracyProxy, count, enqueue_warm_starts, feasible_trials, make_objective, make_sampler, open_study,
+    run_trials,
+)
+from caitsearch.space import SearchSpace
+
+from conftest import run_cli
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
+        "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
+
+
+def _study(url: str, name: str = "search") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def test_proxy_scores_dense_as_exact_and_compression_as_worse():
+    torch.manual_seed(0)
+    model = create_model(DEFAULT_MODEL)
+    spec = ModelSpec.from_model(model)
+    proxy = AccuracyProxy(model, torch.randn(48, 1, 32, 32), batch_size=16, stats_size=16)
+    dense = proxy.score(CompressionConfig.dense(spec))
+    assert dense.agreement == 1.0 and dense.kl < 1e-6
+    squeezed = proxy.score(CompressionConfig.uniform(spec, keep_rate=0.25, merge_every=1, merge_fraction=0.5))
+    assert squeezed.kl > 1e-4 and squeezed.kl > dense.kl
+    assert proxy.floor.agreement == 0.0 and proxy.floor.kl > 0
+
+
+def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path, quick_profile):
+    from caitsearch.profile import LatencyProfile
+
+    torch.manual_seed(0)
+    model = create_model(DEFAULT_MODEL)
+    spec = ModelSpec.from_model(model)
+    space = SearchSpace(spec)
+    prof = LatencyProfile.load(quick_profile)
+    budget_ms = 0.6 * prof.dense_ms
+    proxy = AccuracyProxy(model, torch.randn(32, 1, 32, 32), stats_size=16)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    warm = [CompressionConfig.uniform(spec, 0.5, 1), CompressionConfig.uniform(spec, 0.75, 2)]
+    identity = {"model": spec.name, "budget_ms": budget_ms}
+    for total in (5, 9):  # a first run, then a resumed one asking for more
+        study = open_study(url, "s", make_sampler("random", 0), identity)
+        enqueue_warm_starts(study, space, warm)
+        run_trials(study, make_objective(space, proxy, prof.predict, budget_ms, total), total)
+        assert count(study) == total
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sum(bool(t.user_attrs.get("warm_start")) for t in trials) == len(warm)  # enqueued once
+    over = [t for t in trials if t.user_attrs["predicted_ms"] > budget_ms]
+    under = [t for t in trials if t.user_attrs["predicted_ms"] <= budget_ms]
+    assert over and under
+    for t in over:  # rejected before any accuracy work: the floor score, a positive constraint
+        assert t.constraints["latency"] > 0 and t.user_attrs["agreement"] == 0.0 and t.value == pytest.approx(proxy.floor.kl)
+    assert {t.number for t in feasible_trials(study)} <= {t.number for t in under}
+    with pytest.raises(Exception, match="different budget_ms"):
+        open_study(url, "s", make_sampler("random", 0), {**identity, "budget_ms": budget_ms / 2})
+
+
+def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpoint):
+    run = tmp_path / "run"
+    args = ["search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
+            "--trials", "8", "--retrain-top", "1", "--out", run, *TINY, "--json"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert summary["budget"]["ratio"] == 0.9 and summary["budget"]["ms"] > 0
+    assert 0 <= summary["dense"]["accuracy"] <= 1 and summary["dense"]["latency_ms"] > 0
+    assert summary["trials"]["finished"] == 8
+    cands = summary["candidates"]
+    assert cands and cands[0]["retrained"]
+    for c in cands:  # measured within budget against the dense model of the same timing loop
+        assert c["latency_ms"] <= 0.9 * c["timing"]["dense_ms"] + 1e-9
+        assert set(c) >= {"accuracy", "latency_ms", "predicted_latency_ms", "speedup", "config"}
+        CompressionConfig.from_dict(c["config"]).validate(create_model(DEFAULT_MODEL))
+    best = Path(cands[0]["path"])
+    for name in ("config.json", "model.safetensors", "result.json", "metrics.json"):
+        assert (best / name).is_file()
+    results = pd.read_parquet(run / "results.parquet")
+    assert len(results) == len(pd.read_csv(run / "results.csv")) >= len(cands)
+    assert len(pd.read_parquet(run / "trials.parquet")) == 8
+    # the same command again: the study is complete, finished candidates are not redone
+    stamp = (best / "result.json").stat().st_mtime_ns
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["trials"]["finished"] == 8
+    if (best / "result.json").exists():
+        assert (best / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_search_pipeline_on_image_folder(tmp_path, quick_profile):
+    from PIL import Image
+
+    root = tmp_path / "stripes"
+    for split, n in (("train", 48), ("val", 12)):
+        for label, horizontal in (("horizontal", True), ("vertical", False)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                g = torch.Generator().manual_seed(hash((split, label, i)) % 2**31)
+                stripes = (torch.arange(20) // (2 + i % 3) % 2).float()
+                img = (stripes[:, None] if horizontal else stripes[None, :]).expand(20, 20) * 200 + torch.rand(20, 20, generator=g) * 50
+                Image.fromarray(img.byte().numpy()).convert("RGB").save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--data", root, "--trials", "6",
+                  "--retrain-top", "1", "--out", run, *TINY, "--calib-size", "16", "--proxy-size", "16", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["data"] == "stripes" and (run / "dense" / "model.safetensors").is_file()  # teacher trained here
+    assert summary["trials"]["finished"] == 6
+    for c in summary["candidates"]:
+        assert 0 <= c["accuracy"] <= 1 and c["latency_ms"] <= 0.9 * c["timing"]["dense_ms"] + 1e-9
+
+
+def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, quick_profile, dense_checkpoint):
+    run = tmp_path / "run"
+    args = ["search", "--budget", "0.7", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
+            "--trials", "24", "--retrain-top", "0", "--out", run, *TINY, "--no-progress"]
+    url = f"sqlite:///{run / 'study.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "caitsearch", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before = {}
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            done = _study(url).get_trials(states=(TrialState.COMPLETE,))
+        except Exception:  # storage or study not created yet
+            continue
+        if len(done) >= 4:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    before = {t.number: (t.value, t.params) for t in _study(url).get_trials(states=(TrialState.COMPLETE,))}
+    assert len(before) >= 4
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    study = _study(url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 24
+    after = {t.number: (t.value, t.params) for t in complete}
+    assert all(after[n] == v for n, v in before.items())  # nothing lost or rescored
+    assert len(study.get_trials(states=(TrialState.RUNNING,))) == 0
+    warm = [t for t in study.get_trials() if t.user_attrs.get("warm_start")]
+    assert len({json.dumps(t.params, sort_keys=True) for t in warm}) == len(warm)  # enqueued once
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, quick_profile, dense_checkpoint, postgres_url):
+    trials = 14
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "caitsearch", "search", "--budget", "0.7", "--profile", str(quick_profile),
+         "--checkpoint", str(dense_checkpoint), "--trials", str(trials), "--retrain-top", "0",
+         "--storage", postgres_url, "--study-name", "shared", "--out", str(tmp_path / f"worker{i}"),
+         *TINY, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    study = _study(postgres_url, "shared")
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == trials
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == trials  # no duplicates
+    assert all(json.loads(o)["trials"]["finished"] == trials for o, _ in outs)
+    assert not (tmp_path / "worker0" / "study.db").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "0"], "--budget must be a positive"),
+    (["--budget-ms", "-3"], "--budget-ms must be a positive"),
+    (["--budget", "0.05"], "is below the fastest config"),
+    (["--budget", "0.6", "--model", "deit_tiny_patch16_224", "--img-size", "64", "64"], "profile"),
+])
+def test_bad_budgets_and_foreign_profile_exit_2_with_one_line(tmp_path, quick_profile, extra, message):
+    res = run_cli("search", "--profile", quick_profile, "--out", tmp_path / "run", *extra)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+    assert not (tmp_path / "run" / "study.db").exists()
