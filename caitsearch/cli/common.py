@@ -77,6 +77,8 @@ def load_models(
         from ..models import load_checkpoint
 
         load_checkpoint(dense, checkpoint)
+    elif state is None and not pretrained:
+        _load_default_weights(dense, name)
     if config is None:
         if compressed_state:
             raise CaitsearchError(f"checkpoint {checkpoint} holds a compressed model; pass its --config too.")
@@ -85,3 +87,17 @@ def load_models(
     if compressed_state:
         return dense, config, load_materialized(dense, config, state).eval()
     return dense, config, materialize(compress(dense, config)).eval()
+
+
+def _load_default_weights(dense: torch.nn.Module, name: str) -> None:
+    """The embedded default model gets its committed weights when it has the shape they fit
+    (a custom --img-size or --num-classes keeps the fresh initialisation)."""
+    from ..models import default_checkpoint, load_checkpoint
+
+    path = default_checkpoint(name)
+    if path is None:
+        return
+    own = dense.state_dict()
+    weights = load_state(path)
+    if all(k in weights and weights[k].shape == v.shape for k, v in own.items()):
+        load_checkpoint(dense, path)
