@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -115,8 +116,17 @@ def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, 
     for e in entries:
         module, inputs = _modules(e, model, spec, space, be, batch, cache)
         fns[e.key] = be.prepare(module, inputs)
-    timings, tele = be.measure(fns, repeats=res.repeats, warmup=res.warmup, warmup_seconds=res.warmup_seconds,
-                               max_repeats=res.max_repeats, target_spread=res.target_spread)
+    # one untimed round: the first warm-up, and the cost of a round, which caps the extra repeats
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    if be.device.type == "cuda":
+        torch.cuda.synchronize()
+    round_s = max(time.perf_counter() - start, 1e-6)
+    extra = min(res.max_repeats, int(res.group_seconds / round_s))
+    timings, tele = be.measure(fns, repeats=res.repeats, warmup=max(1, res.warmup - 1),
+                               warmup_seconds=res.warmup_seconds, max_repeats=max(res.repeats, extra),
+                               target_spread=res.target_spread)
     base = {"sm_clock_mhz": None, "temp_c": None, "power_w": None, "throttled": False, "throttle": "", "attempts": 1}
     rows = [{**e.row(), **timings[e.key].summary(), **base, **tele} for e in entries]
     del fns, cache
@@ -169,7 +179,9 @@ def build_profile(
 
     table = pd.DataFrame()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if (directory / MANIFEST).exists():
+    old: dict = {}
+    started_before = (directory / MANIFEST).exists()
+    if started_before:
         old = read_manifest(directory)
         changed = [k for k in SETTINGS if old.get(k) != settings[k]]
         if changed:
@@ -197,6 +209,8 @@ def build_profile(
     bar = Progress(TextColumn("[bold]profile[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                    disable=not progress, transient=False)
+    clock = time.perf_counter()
+    spent = float(old.get("build_seconds", 0.0))
     with bar, torch.inference_mode():
         task = bar.add_task(spec.name, total=sum(len(g) for g in groups) + len(done), completed=len(done))
         for group in groups:
@@ -204,9 +218,12 @@ def build_profile(
             rows = measure_group(group, model, spec, space, be, batch_size, res)
             table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
             _write_table(directory, table, csv=False)
+            manifest["build_seconds"] = round(spent + time.perf_counter() - clock, 1)
+            atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             bar.advance(task, len(group))
 
     _write_table(directory, table, csv=True)
+    manifest["build_seconds"] = round(spent + time.perf_counter() - clock, 1)
     manifest.update(complete=True, rows=len(table), table_sha256=file_sha256(directory / TABLE),
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     files={"table": TABLE, "csv": CSV})

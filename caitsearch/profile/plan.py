@@ -72,13 +72,14 @@ class Resolution:
     warmup: int
     warmup_seconds: float
     target_spread: float
+    group_seconds: float  # repeats beyond `repeats` stop once a group has run about this long
     e2e_group: int = 4
 
 
 FULL = Resolution(token_points=12, width_points=4, mlp_points=6, e2e_configs=16, repeats=5, max_repeats=15,
-                  warmup=2, warmup_seconds=0.3, target_spread=0.05)
+                  warmup=2, warmup_seconds=0.3, target_spread=0.05, group_seconds=15.0)
 QUICK = Resolution(token_points=4, width_points=2, mlp_points=3, e2e_configs=5, repeats=4, max_repeats=8,
-                   warmup=1, warmup_seconds=0.02, target_spread=0.15)
+                   warmup=1, warmup_seconds=0.02, target_spread=0.15, group_seconds=1.0)
 
 
 def by_index(values: Sequence[int], k: int) -> list[int]:
