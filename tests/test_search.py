@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from caitsearch.config import CompressionConfig
 from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
 from caitsearch.search import (
-    AccuracyProxy, count, enqueue_warm_starts, feasible_trials, make_objective, make_sampler, open_study,
+    AccuracyProxy, count, driver_url, enqueue_warm_starts, feasible_trials, make_objective, make_sampler, open_study,
     run_trials,
 )
 from caitsearch.space import SearchSpace
@@ -33,7 +33,7 @@ TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--
 
 
 def _study(url: str, name: str = "search") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
+    return optuna.load_study(study_name=name, storage=driver_url(url))
 
 
 def test_proxy_scores_dense_as_exact_and_compression_as_worse():
@@ -137,7 +137,7 @@ def test_search_pipeline_on_image_folder(tmp_path, quick_profile):
 def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, quick_profile, dense_checkpoint):
     run = tmp_path / "run"
     args = ["search", "--budget", "0.7", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
-            "--trials", "24", "--retrain-top", "0", "--out", run, *TINY, "--no-progress"]
+            "--trials", "16", "--retrain-top", "0", "--out", run, *TINY, "--no-progress"]
     url = f"sqlite:///{run / 'study.db'}"
     proc = subprocess.Popen([sys.executable, "-m", "caitsearch", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,7 +160,7 @@ def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, q
     assert res.returncode == 0, res.stderr[-2000:]
     study = _study(url)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 24
+    assert len(complete) == 16
     after = {t.number: (t.value, t.params) for t in complete}
     assert all(after[n] == v for n, v in before.items())  # nothing lost or rescored
     assert len(study.get_trials(states=(TrialState.RUNNING,))) == 0
@@ -169,7 +169,7 @@ def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, q
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, quick_profile, dense_checkpoint, postgres_url):
-    trials = 14
+    trials = 10
     procs = [subprocess.Popen(
         [sys.executable, "-m", "caitsearch", "search", "--budget", "0.7", "--profile", str(quick_profile),
          "--checkpoint", str(dense_checkpoint), "--trials", str(trials), "--retrain-top", "0",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -60,12 +61,25 @@ def make_sampler(name: str, seed: Optional[int], n_trials: int = 100) -> optuna.
     raise CaitsearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
 
 
+def driver_url(url: str) -> str:
+    """`postgresql://` names SQLAlchemy's default driver (psycopg 3 since SQLAlchemy 2.1); use
+    psycopg2 where only that one is installed, so the URL users type just works."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identity: dict) -> optuna.Study:
     """Create or load the study; `identity` (model, size, budget, space...) must match a stored one,
     because trials scored under another budget or space cannot be mixed in."""
     try:
-        storage = optuna.storages.RDBStorage(url) if is_local(url) else optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+            storage = optuna.storages.RDBStorage(url) if is_local(url) else optuna.storages.RDBStorage(
+                driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as e:  # bad URL, server down, missing driver
         raise CaitsearchError(f"cannot open study storage {url}: {str(e).splitlines()[0][:200]}") from e
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
