@@ -49,10 +49,11 @@ def test_profile_builds_reloads_and_predicts(profile_dir):
     head = t[(t.kind == "head") & (t.tokens == full)].median_ms.item()
     stem = t[t.kind == "stem"].median_ms.item()
     assert prof.raw(dense) == pytest.approx(stem + spec.depth * (attn + mlp) + head)
-    assert prof.dense_ms == pytest.approx(prof.scale * prof.raw(dense) + prof.offset)
+    assert prof.dense_ms == pytest.approx(prof.scale * prof.raw(dense) ** prof.exponent)
 
     small = CompressionConfig.uniform(spec, keep_rate=0.25, merge_every=1, merge_fraction=0.5)
     assert 0 < prof.predict(small) < prof.dense_ms
+    assert 0.5 <= prof.exponent <= 1.5 and prof.scale > 0
     prof.check_model(create_model(DEFAULT_MODEL))
     with pytest.raises(CaitsearchError, match="is for deit_fmnist_patch4_32"):
         prof.check_model(create_model("deit_tiny_patch16_224", img_size=(64, 64)))
@@ -142,6 +143,19 @@ def test_validation_reports_every_metric(profile_dir, tmp_path):
     assert (tmp_path / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     detail = json.loads((tmp_path / "validation.json").read_text())["configs_detail"]
     assert len(detail) == 3 and all(d["measured_ms"] > 0 for d in detail)
+
+
+def test_grid_interpolates_multilinearly_and_clamps():
+    from caitsearch.profile.predictor import Grid
+
+    rows = pd.DataFrame({"tokens": [10, 10, 20, 20], "mlp": [100, 200, 100, 200], "median_ms": [1.0, 3.0, 5.0, 7.0]})
+    grid = Grid(rows, ["tokens", "mlp"], "test")
+    assert grid(10, 100) == 1.0 and grid(20, 200) == 7.0
+    assert grid(15, 150) == pytest.approx(4.0)
+    assert grid(12.5, 200) == pytest.approx(4.0)
+    assert grid(5, 50) == 1.0 and grid(99, 999) == 7.0
+    with pytest.raises(CaitsearchError, match="misses test entries"):
+        Grid(rows.iloc[:3], ["tokens", "mlp"], "test")
 
 
 def test_metrics_are_computed_correctly():

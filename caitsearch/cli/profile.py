@@ -61,7 +61,7 @@ def profile(
         return
     out.print(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
               f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
-              f"(correction {summary['correction']['scale']:.3f} x sum + {summary['correction']['offset_ms']:.2f} ms)")
+              f"(correction {summary['correction']['scale']:.3f} x sum^{summary['correction']['exponent']:.3f})")
 
 
 @profile_app.command()

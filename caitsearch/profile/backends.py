@@ -160,7 +160,7 @@ class TensorRTBackend(TorchBackend):
         self.cache_dir = Path(cache_dir)
 
     def _onnx(self, module: nn.Module, inputs: tuple) -> bytes:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, inputs, dynamo=True, opset_version=18, verbose=False)
         buf = io.BytesIO()

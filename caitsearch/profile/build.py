@@ -118,8 +118,9 @@ def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, 
         fns[e.key] = be.prepare(module, inputs)
     # one untimed round: the first warm-up, and the cost of a round, which caps the extra repeats
     start = time.perf_counter()
-    for fn in fns.values():
-        fn()
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
     if be.device.type == "cuda":
         torch.cuda.synchronize()
     round_s = max(time.perf_counter() - start, 1e-6)
@@ -211,7 +212,8 @@ def build_profile(
                    disable=not progress, transient=False)
     clock = time.perf_counter()
     spent = float(old.get("build_seconds", 0.0))
-    with bar, torch.inference_mode():
+    # modules are built outside inference mode: exporters (TensorRT via ONNX) refuse inference tensors
+    with bar:
         task = bar.add_task(spec.name, total=sum(len(g) for g in groups) + len(done), completed=len(done))
         for group in groups:
             bar.update(task, description=f"{spec.name}: {group[0].kind}")

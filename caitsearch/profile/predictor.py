@@ -3,8 +3,11 @@
 A config's raw estimate is stem + sum over blocks of (attention part at the block's input tokens
 and widths, merge step if any, MLP part at the output tokens) + head at the final tokens, each
 interpolated multilinearly from the table. Per-part sums miss what whole models do differently
-(caches, launch overlap, fusion on GPUs), so `predict` maps the raw sum through `a * raw + b`,
-fitted to the profile's end-to-end measurements of random configs by least relative squares.
+(caches, launch overlap, fusion on GPUs), so `predict` maps the raw sum through `scale * raw**exponent`,
+fitted in log space (so errors count relatively) to the profile's end-to-end measurements of the
+dense model, the smallest model of the space and random configs between them. A power law stays
+positive and monotone when a config lies outside the fitted range; a linear fit with an offset
+does not.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ class LatencyProfile:
             raise CaitsearchError("the latency table has no stem entry; delete the profile and build it again.")
         self._stem = float(stem.iloc[0])
         self._cache: dict = {}
-        self.scale, self.offset = self._fit()
+        self.scale, self.exponent = self._fit()
 
     # ----- loading ------------------------------------------------------------------------------
     @classmethod
@@ -156,29 +159,30 @@ class LatencyProfile:
 
     def predict(self, config: CompressionConfig) -> float:
         """Predicted ms per batch of the whole materialised model under `config`."""
-        return self.scale * self.raw(config) + self.offset
+        return self.scale * self.raw(config) ** self.exponent
 
     @property
     def dense_ms(self) -> float:
         return self.predict(CompressionConfig.dense(self.spec))
 
     def _fit(self) -> tuple[float, float]:
-        """Least relative squares of measured end-to-end ms on the raw sums: (scale, offset)."""
+        """Least squares of log measured on log raw end-to-end ms: (scale, exponent)."""
         e2e = self.table[self.table.kind == "e2e"]
         if e2e.empty:
-            return 1.0, 0.0
-        x = np.array([self.raw(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
-        y = e2e["median_ms"].to_numpy(dtype=float)
-        if len(x) < 3 or np.ptp(x) < 1e-9:
-            return float(np.mean(y / x)), 0.0
-        (a, b), *_ = np.linalg.lstsq(np.stack([x / y, 1.0 / y], axis=1), np.ones_like(y), rcond=None)
-        if a <= 0:
-            return float(np.mean(y / x)), 0.0
-        return float(a), float(b)
+            return 1.0, 1.0
+        x = np.log([self.raw(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
+        y = np.log(e2e["median_ms"].to_numpy(dtype=float))
+        ratio = (float(np.exp(np.median(y - x))), 1.0)
+        if len(x) < 3 or np.ptp(x) < 0.05:
+            return ratio
+        exponent, intercept = np.polyfit(x, y, 1)
+        if not 0.5 <= exponent <= 1.5:  # a fit that far from proportional is noise, not hardware
+            return ratio
+        return float(np.exp(intercept)), float(exponent)
 
     def summary(self) -> dict:
         m = self.manifest
         return {"path": str(self.path), "model": m["model"], "img_size": m["img_size"], "backend": m["backend"],
                 "batch_size": m["batch_size"], "dtype": m["dtype"], "threads": m.get("threads"), "rows": len(self.table),
-                "dense_ms": self.dense_ms, "correction": {"scale": self.scale, "offset_ms": self.offset},
+                "dense_ms": self.dense_ms, "correction": {"scale": self.scale, "exponent": self.exponent},
                 "fingerprint": m["fingerprint"], "date": m.get("date")}

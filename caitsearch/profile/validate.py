@@ -15,8 +15,6 @@ from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
-import torch
-
 from ..errors import CaitsearchError
 from ..io import atomic_write, atomic_write_text
 from ..models import create_model
@@ -94,7 +92,7 @@ def validate_profile(
     rows = []
     bar = Progress(TextColumn("[bold]validate[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), console=console, disable=not progress)
-    with bar, torch.inference_mode():
+    with bar:
         task = bar.add_task("", total=len(entries))
         for i in range(0, len(entries), res.e2e_group):
             group = entries[i:i + res.e2e_group]
@@ -104,7 +102,7 @@ def validate_profile(
     predicted = [prof.predict(c) for c in cfgs]
     result = {**metrics(predicted, measured), "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
               "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed,
-              "correction": {"scale": prof.scale, "offset_ms": prof.offset}}
+              "correction": {"scale": prof.scale, "exponent": prof.exponent}}
     target = Path(out) if out else prof.path
     per_config = [{"predicted_ms": p, "measured_ms": r["median_ms"], "p90_ms": r["p90_ms"], "spread": r["spread"],
                    "config": c.to_dict()} for p, r, c in zip(predicted, rows, cfgs)]
