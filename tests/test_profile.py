@@ -199,3 +199,18 @@ def test_tensorrt_profile(tmp_path):
                          quick=True, progress=False)
     prof = LatencyProfile.load(path)
     assert prof.manifest["fingerprint"]["tensorrt"] and prof.dense_ms > 0
+
+
+def test_profile_command_reports_a_finished_profile_without_remeasuring(profile_dir):
+    from typer.testing import CliRunner
+
+    from caitsearch.cli import app
+
+    before = (profile_dir / "table.parquet").stat().st_mtime_ns
+    args = ["profile", "--batch-size", "16", "--threads", "1", "--quick", "--out", str(profile_dir), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == json.loads((profile_dir / "manifest.json").read_text())["rows"]
+    assert summary["dense_ms"] > 0 and summary["threads"] == 1
+    assert (profile_dir / "table.parquet").stat().st_mtime_ns == before
