@@ -1,8 +1,18 @@
-"""Export of materialised compressed models, always checked against PyTorch after writing."""
+"""Export of materialised compressed models, always checked against PyTorch after writing.
+
+Every format follows one path: write the file atomically, load it back with its own runtime, run a
+fresh random batch through it and through the PyTorch model (fp32), and refuse the file when the
+largest difference exceeds the tolerance. Formats: ONNX (onnxruntime check; `dtype="fp16"` writes
+an FP16 graph, which is how TensorRT 11 gets FP16 since it has no FP16 builder flag), TorchScript
+(traced: ATME's shapes are static, so tracing is exact), and TensorRT (an engine built from the
+ONNX file; needs the `tensorrt` package and an NVIDIA GPU).
+"""
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -10,31 +20,157 @@ import torch
 from .errors import CaitsearchError
 from .io import atomic_write
 
+FORMATS = ("onnx", "torchscript", "tensorrt")
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # largest |exported - PyTorch fp32| on the check batch
 
-def export_onnx(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: float = 1e-3,
-                opset: int = 18) -> dict:
-    """Write `model` as ONNX through the dynamo exporter and compare onnxruntime with PyTorch."""
-    import onnxruntime as ort
 
-    model = model.eval().float().cpu()
+def _inputs(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
     spec = model.spec
-    x = torch.randn(batch_size, spec.in_chans, *spec.img_size)
+    return torch.randn(batch_size, spec.in_chans, *spec.img_size)
+
+
+def check_against_pytorch(model: torch.nn.Module, run: Callable[[torch.Tensor], np.ndarray], path: Path, fmt: str,
+                          batch_size: int, tolerance: float) -> float:
+    """Largest |run(x) - model(x)| on a fresh batch; raises when it exceeds `tolerance`."""
+    check = _inputs(model, batch_size)
+    got = np.asarray(run(check), dtype=np.float32)
+    with torch.no_grad():
+        want = model(check).float().numpy()
+    if got.shape != want.shape:
+        raise CaitsearchError(f"{fmt} output has shape {got.shape}, PyTorch {want.shape}; {path} is suspect.")
+    diff = float(np.abs(got - want).max())
+    if not diff <= tolerance:
+        raise CaitsearchError(f"{fmt} output differs from PyTorch by {diff:.2e} (> {tolerance:g}); {path} is suspect.")
+    return diff
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    if dtype not in TOLERANCE:
+        raise CaitsearchError(f"export --dtype must be one of {', '.join(TOLERANCE)}, not '{dtype}'.")
+    return torch.float16 if dtype == "fp16" else torch.float32
+
+
+def _result(path: Path, fmt: str, diff: float, batch_size: int, dtype: str, tolerance: float, **extra) -> dict:
+    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "max_abs_diff": diff,
+            "tolerance": tolerance, "batch_size": batch_size, "dtype": dtype, **extra}
+
+
+def _write_onnx(model: torch.nn.Module, path: Path, batch_size: int, dtype: str, opset: int) -> None:
+    dt = _dtype(dtype)
+    net = copy.deepcopy(model).to(dt) if dt != torch.float32 else model
+    x = _inputs(model, batch_size).to(dt)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False)
+            program = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, verbose=False)
         program.save(str(tmp))
 
-    path = Path(path)
     atomic_write(path, write)
+
+
+def export_onnx(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
+                opset: int = 18, dtype: str = "fp32") -> dict:
+    """Write `model` as ONNX through the dynamo exporter and compare onnxruntime with PyTorch."""
+    import onnxruntime as ort
+
+    model, path = model.eval().float().cpu(), Path(path)
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    _write_onnx(model, path, batch_size, dtype, opset)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check = torch.randn_like(x)
-    got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
-    with torch.no_grad():
-        want = model(check).numpy()
-    diff = float(np.abs(got - want).max())
-    if not diff <= tolerance:
-        raise CaitsearchError(f"ONNX output differs from PyTorch by {diff:.2e} (> {tolerance:g}); {path} is suspect.")
-    return {"path": str(path), "format": "onnx", "bytes": path.stat().st_size, "max_abs_diff": diff,
-            "batch_size": batch_size, "opset": opset}
+    feed = session.get_inputs()[0].name
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    diff = check_against_pytorch(model, lambda x: session.run(None, {feed: x.numpy().astype(np_dtype)})[0], path,
+                                 "ONNX", batch_size, tolerance)
+    return _result(path, "onnx", diff, batch_size, dtype, tolerance, opset=opset)
+
+
+def export_torchscript(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
+                       dtype: str = "fp32") -> dict:
+    """Trace `model` to TorchScript, reload the file and compare it with PyTorch."""
+    model, path = model.eval().float().cpu(), Path(path)
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    dt = _dtype(dtype)
+    net = copy.deepcopy(model).to(dt) if dt != torch.float32 else model
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace(net, _inputs(model, batch_size).to(dt))
+        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(x.to(dt)).float().numpy()
+
+    diff = check_against_pytorch(model, run, path, "TorchScript", batch_size, tolerance)
+    return _result(path, "torchscript", diff, batch_size, dtype, tolerance)
+
+
+def tensorrt_missing() -> Optional[str]:
+    """Why a TensorRT engine cannot be built here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed (pip install tensorrt)"
+    if not torch.cuda.is_available():
+        return "no NVIDIA GPU is visible to torch"
+    return None
+
+
+def export_tensorrt(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
+                    dtype: str = "fp32", opset: int = 18) -> dict:
+    """Build a serialized TensorRT engine from the ONNX export (written beside it as PATH.onnx),
+    run it on the GPU and compare with PyTorch. Untested here: no GPU or TensorRT on the dev machine."""
+    missing = tensorrt_missing()
+    if missing:
+        raise CaitsearchError(f"--format tensorrt needs tensorrt and an NVIDIA GPU: {missing}.")
+    import tensorrt as trt
+
+    model, path = model.eval().float().cpu(), Path(path)
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    onnx_path = path.with_suffix(".onnx")
+    _write_onnx(model, onnx_path, batch_size, dtype, opset)  # FP16 lives in the graph, not in a builder flag
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CaitsearchError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
+    engine_bytes = builder.build_serialized_network(network, builder.create_builder_config())
+    if engine_bytes is None:
+        raise CaitsearchError(f"TensorRT failed to build an engine from {onnx_path} (see its log above).")
+    atomic_write(path, lambda tmp: tmp.write_bytes(bytes(engine_bytes)))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    outp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    dt = _dtype(dtype)
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        x = x.to("cuda", dt).contiguous()
+        y = torch.empty(tuple(engine.get_tensor_shape(outp)), device="cuda", dtype=dt)
+        context.set_tensor_address(inp, x.data_ptr())
+        context.set_tensor_address(outp, y.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise CaitsearchError(f"TensorRT engine {path} failed to run.")
+        stream.synchronize()
+        return y.float().cpu().numpy()
+
+    diff = check_against_pytorch(model, run, path, "TensorRT", batch_size, tolerance)
+    return _result(path, "tensorrt", diff, batch_size, dtype, tolerance, onnx=str(onnx_path),
+                   tensorrt=trt.__version__)
+
+
+WRITERS = {"onnx": export_onnx, "torchscript": export_torchscript, "tensorrt": export_tensorrt}
+
+
+def export_model(model: torch.nn.Module, fmt: str, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
+                 dtype: str = "fp32") -> dict:
+    """Write `model` in `fmt` (onnx, torchscript, tensorrt) and check it against PyTorch."""
+    if fmt not in WRITERS:
+        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    _dtype(dtype)
+    return WRITERS[fmt](model, path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)

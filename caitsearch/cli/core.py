@@ -142,37 +142,55 @@ def bench(
 
 @app.command()
 def export(
+    candidate: Annotated[Optional[Path], typer.Argument(
+        help="A candidate folder of a search run (RUN/candidates/trial-N: config.json + model.safetensors).",
+        show_default=False)] = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     img_size: ImgSizeOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="onnx (more formats: `caitsearch export RUN/candidate`).")] = "onnx",
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("model.onnx"),
+    fmt: Annotated[str, typer.Option("--format", help="onnx, torchscript or tensorrt (needs tensorrt and an NVIDIA GPU).")] = "onnx",
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Output file (default: model.onnx, model.pt or model.engine).")] = None,
     batch_size: BatchOpt = 1,
-    tolerance: Annotated[float, typer.Option(help="Largest allowed |onnxruntime - PyTorch| on the check batch.")] = 1e-3,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (fp16: an FP16 graph; TensorRT 11 takes FP16 this way).")] = "fp32",
+    tolerance: Annotated[Optional[float], typer.Option(
+        help="Largest allowed |exported - PyTorch| on the check batch (default: 1e-3 for fp32, 3e-2 for fp16).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the materialised compressed model (ATME included) and check it against PyTorch.
 
-    ONNX goes through torch's dynamo exporter; the file is then run in onnxruntime on a random
-    batch and compared with PyTorch.
+    Give a candidate folder from a search run, or a model/--config/--checkpoint. The file is loaded
+    back with its own runtime (onnxruntime, torch.jit, TensorRT), run on a fresh random batch and
+    compared with the PyTorch model; a larger difference than --tolerance is an error.
 
-    Example:
+    Examples:
+
+      caitsearch export results/search/candidates/trial-7 --format torchscript --out m.pt
+
+      caitsearch export results/search/candidates/trial-7 --format onnx --dtype fp16 --out m16.onnx
 
       caitsearch export --config cfg.json --checkpoint ckpt.pth --format onnx --out deit_small_cait.onnx
     """
-    from ..export import export_onnx
+    from ..export import FORMATS, export_model
 
-    if fmt != "onnx":
-        raise CaitsearchError(f"--format {fmt} is not supported here; use onnx.")
+    if fmt not in FORMATS:
+        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    if candidate is not None:
+        if config is not None or checkpoint is not None:
+            raise CaitsearchError("give either a candidate folder or --config/--checkpoint, not both.")
+        if not (candidate / "config.json").is_file() or not (candidate / "model.safetensors").is_file():
+            raise CaitsearchError(f"{candidate} is not a candidate folder (it needs config.json and model.safetensors).")
+        config, checkpoint = candidate / "config.json", candidate / "model.safetensors"
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
     if compressed is None:
         from ..compress import compress
 
         compressed = compress(dense, cfg).eval()
-    result = export_onnx(compressed, out_path, batch_size=batch_size, tolerance=tolerance)
+    out_path = out_path or Path({"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}[fmt])
+    result = export_model(compressed, fmt, out_path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)
     if as_json:
         emit_json(result)
     else:
-        out.print(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB); onnxruntime vs PyTorch max |diff| "
-                  f"{result['max_abs_diff']:.2e} (tolerance {tolerance:g})")
+        out.print(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB, {fmt} {dtype}); max |{fmt} - PyTorch| "
+                  f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g})", highlight=False)
