@@ -77,7 +77,7 @@ class Resolution:
 
 
 FULL = Resolution(token_points=12, width_points=4, mlp_points=6, e2e_configs=16, repeats=5, max_repeats=15,
-                  warmup=2, warmup_seconds=0.3, target_spread=0.05, group_seconds=15.0)
+                  warmup=2, warmup_seconds=0.3, target_spread=0.05, group_seconds=10.0)
 QUICK = Resolution(token_points=4, width_points=2, mlp_points=3, e2e_configs=5, repeats=4, max_repeats=8,
                    warmup=1, warmup_seconds=0.02, target_spread=0.15, group_seconds=1.0)
 
