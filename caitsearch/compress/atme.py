@@ -52,24 +52,30 @@ def assign_lines(similarity: torch.Tensor, count: int) -> torch.Tensor:
     return new_index.gather(1, dest)
 
 
-def merge_lines(
-    x: torch.Tensor, line_sizes: torch.Tensor, target: torch.Tensor, dim: int, out_lines: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of grid lines that share a target; returns (grid, new line sizes).
+def merge_matrix(line_sizes: torch.Tensor, target: torch.Tensor, out_lines: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image `(B, out_lines, lines)` averaging weights and the new line sizes.
 
     Within one row, tokens of a column merge weighted by their column widths (the row height is a
-    common factor), so line sizes are all the weights needed.
+    common factor), so line sizes are all the weights needed. Row `j` of the matrix holds
+    `size_l / new_size_j` for every input line `l` that lands on `j`.
     """
-    shape = [1, 1, 1, 1]
-    shape[0], shape[dim] = line_sizes.shape
-    weights = line_sizes.view(shape).to(x.dtype)
-    index = target.view(shape).expand_as(x)
-    out_shape = list(x.shape)
-    out_shape[dim] = out_lines
-    summed = x.new_zeros(out_shape).scatter_add_(dim, index, x * weights)
     new_sizes = line_sizes.new_zeros(line_sizes.shape[0], out_lines).scatter_add_(1, target, line_sizes)
-    shape[dim] = out_lines
-    return summed / new_sizes.view(shape).to(x.dtype), new_sizes
+    weights = line_sizes / new_sizes.gather(1, target)
+    matrix = line_sizes.new_zeros(line_sizes.shape[0], out_lines, line_sizes.shape[1])
+    return matrix.scatter_(1, target[:, None, :], weights[:, None, :]), new_sizes
+
+
+def merge_lines(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """Apply merge weights to a `(B, h, w, C)` grid along `dim` (1: rows, 2: columns).
+
+    One batched matmul with a small inner dimension: cheaper on CPU than scatter-add plus
+    normalisation passes over the whole tensor, and exportable to ONNX as a plain MatMul.
+    """
+    batch, h, w, channels = x.shape
+    m = matrix.to(x.dtype)
+    if dim == 1:
+        return torch.matmul(m, x.reshape(batch, h, w * channels)).view(batch, -1, w, channels)
+    return torch.matmul(m[:, None], x)
 
 
 class TokenGrid(NamedTuple):
@@ -114,7 +120,8 @@ class TokenGrid(NamedTuple):
             cols = x.new_ones(batch, w, dtype=torch.float32)
         sizes = rows if dim == 1 else cols
         target = assign_lines(line_similarity(key_grid, dim), count)
-        merged, new_sizes = merge_lines(grid, sizes, target, dim, sizes.shape[1] - count)
+        matrix, new_sizes = merge_matrix(sizes, target, sizes.shape[1] - count)
+        merged = merge_lines(grid, matrix, dim)
         if dim == 1:
             out_grid = TokenGrid(p, h - count, w, new_sizes, cols)
         else:
