@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,15 @@ from test_data import needs_fmnist, write_image_folder
 
 VENV_BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(model) -> CompressionConfig:
@@ -148,3 +156,16 @@ def test_cli_missing_dataset_and_foreign_checkpoint_exit_2_with_one_line(tmp_pat
     wrong = cli("train", "--data", root, "--checkpoint", foreign, "--epochs", 1, "--out", tmp_path / "b")
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
     assert "does not fit model deit_fmnist_patch4_32" in wrong.stderr
+
+
+@needs_fmnist
+def test_committed_default_weights_load_automatically_and_classify_fashion_mnist():
+    from caitsearch.cli.common import load_models
+    from caitsearch.models import default_checkpoint
+
+    path = default_checkpoint(DEFAULT_MODEL)
+    assert path is not None and path.stat().st_size <= 10 * 2**20
+    dense, _, _ = load_models(None)
+    torch.testing.assert_close(dense.state_dict(), load_state(path))
+    splits = load_dataset("fashion-mnist", ModelSpec.from_model(dense), test_limit=500)
+    assert evaluate(dense, splits.test) > 0.8
