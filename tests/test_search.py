@@ -59,7 +59,8 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     budget_ms = 0.6 * prof.dense_ms
     proxy = AccuracyProxy(model, torch.randn(32, 1, 32, 32), stats_size=16)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    warm = [CompressionConfig.uniform(spec, 0.5, 1), CompressionConfig.uniform(spec, 0.75, 2)]
+    # one warm start surely under budget (the narrowest, most merged), one surely over (dense)
+    warm = [CompressionConfig.uniform(spec, 0.25, 1, merge_fraction=0.5), CompressionConfig.dense(spec)]
     identity = {"model": spec.name, "budget_ms": budget_ms}
     for total in (5, 9):  # a first run, then a resumed one asking for more
         study = open_study(url, "s", make_sampler("random", 0), identity)

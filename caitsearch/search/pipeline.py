@@ -216,16 +216,6 @@ def trial_rows(study) -> list[dict]:
     } for t in study.get_trials(deepcopy=False)]
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password, for files and messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
-
-
 def manifest(extra: dict) -> dict:
     import optuna
     import timm
@@ -344,7 +334,7 @@ def run_search(req: SearchRequest) -> dict:
     url = req.storage or st.default_storage(run_dir)
     write_json(run_dir / "space.json", described)
     write_json(run_dir / "manifest.json", manifest({
-        "storage": redact(url), "study_name": req.study_name, "threads": threads,
+        "storage": st.redact(url), "study_name": req.study_name, "threads": threads,
         "profile": prof.manifest, "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(req).items()
                                               if k != "storage"}}))
 

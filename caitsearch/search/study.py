@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -61,6 +63,16 @@ def make_sampler(name: str, seed: Optional[int], n_trials: int = 100) -> optuna.
     raise CaitsearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, not '{name}'.")
 
 
+def redact(url: str) -> str:
+    """A storage URL without its password, for files and messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
 def driver_url(url: str) -> str:
     """`postgresql://` names SQLAlchemy's default driver (psycopg 3 since SQLAlchemy 2.1); use
     psycopg2 where only that one is installed, so the URL users type just works."""
@@ -72,16 +84,29 @@ def driver_url(url: str) -> str:
     return url
 
 
+def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Open the RDB storage; retried because workers starting together on an empty database race
+    to create Optuna's tables, and all but one fail once."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+                if is_local(url):
+                    return optuna.storages.RDBStorage(url)
+                return optuna.storages.RDBStorage(driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except ImportError as e:
+            raise CaitsearchError(f"cannot open study storage {redact(url)}: no database driver for it is installed.") from e
+        except Exception as e:  # bad URL, server down, a lost race to create the tables
+            if attempt == attempts - 1:
+                raise CaitsearchError(f"cannot open study storage {redact(url)}: {str(e).splitlines()[0][:200]}") from e
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
 def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identity: dict) -> optuna.Study:
     """Create or load the study; `identity` (model, size, budget, space...) must match a stored one,
     because trials scored under another budget or space cannot be mixed in."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-            storage = optuna.storages.RDBStorage(url) if is_local(url) else optuna.storages.RDBStorage(
-                driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    except Exception as e:  # bad URL, server down, missing driver
-        raise CaitsearchError(f"cannot open study storage {url}: {str(e).splitlines()[0][:200]}") from e
+    storage = _storage(url)
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     stored = study.user_attrs.get("identity")
@@ -91,7 +116,7 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identi
     elif stored != wanted:
         diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise CaitsearchError(
-            f"study '{name}' in {url} was started with a different {', '.join(diff)}; "
+            f"study '{name}' in {redact(url)} was started with a different {', '.join(diff)}; "
             "use a new --study-name or --out folder.")
     return study
 
