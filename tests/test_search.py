@@ -17,6 +17,7 @@ import torch
 from optuna.trial import TrialState
 
 from caitsearch.config import CompressionConfig
+from caitsearch.errors import CaitsearchError
 from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
 from caitsearch.search import (
     AccuracyProxy, count, driver_url, enqueue_warm_starts, feasible_trials, make_objective, make_sampler, open_study,
@@ -61,7 +62,7 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     url = f"sqlite:///{tmp_path / 'study.db'}"
     # one warm start surely under budget (the narrowest, most merged), one surely over (dense)
     warm = [CompressionConfig.uniform(spec, 0.25, 1, merge_fraction=0.5), CompressionConfig.dense(spec)]
-    identity = {"model": spec.name, "budget_ms": budget_ms}
+    identity = {"model": spec.name, "budget": {"ratio": 0.6}}
     for total in (5, 9):  # a first run, then a resumed one asking for more
         study = open_study(url, "s", make_sampler("random", 0), identity)
         enqueue_warm_starts(study, space, warm)
@@ -75,8 +76,8 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     for t in over:  # rejected before any accuracy work: the floor score, a positive constraint
         assert t.constraints["latency"] > 0 and t.user_attrs["agreement"] == 0.0 and t.value == pytest.approx(proxy.floor.kl)
     assert {t.number for t in feasible_trials(study)} <= {t.number for t in under}
-    with pytest.raises(Exception, match="different budget_ms"):
-        open_study(url, "s", make_sampler("random", 0), {**identity, "budget_ms": budget_ms / 2})
+    with pytest.raises(CaitsearchError, match="different budget"):
+        open_study(url, "s", make_sampler("random", 0), {**identity, "budget": {"ratio": 0.3}})
 
 
 def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpoint):

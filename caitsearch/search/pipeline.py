@@ -344,7 +344,10 @@ def run_search(req: SearchRequest) -> dict:
     calib = stack_images(splits.calib, req.proxy_size)
     proxy = AccuracyProxy(dense, calib)
 
-    identity = {"model": spec.name, "img_size": list(spec.img_size), "budget_ms": round(budget.ms, 6),
+    # what the user asked for, not derived floats: the same command always finds its own study
+    identity = {"model": spec.name, "img_size": list(spec.img_size),
+                "budget": {"ratio": req.budget} if req.budget is not None else {"ms": req.budget_ms},
+                "profile": prof.manifest.get("table_sha256"),
                 "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "axes": list(space.axes)},
                 "data": splits.name, "calib_size": req.calib_size, "proxy_size": int(calib.shape[0]), "seed": req.seed}
     study = st.open_study(url, req.study_name, st.make_sampler(req.sampler, req.seed, req.trials), identity)
@@ -428,8 +431,13 @@ def dense_model(req: SearchRequest, name: str, spec: ModelSpec, splits, run_dir:
     from ..models import create_model
     from ..train import MODEL_FILE, train_dense
 
-    if req.checkpoint is not None:
-        return create_model(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint)
+    from ..models import default_checkpoint
+
+    checkpoint = req.checkpoint
+    if checkpoint is None and splits.name == "fashion-mnist" and splits.num_classes == spec.num_classes:
+        checkpoint = default_checkpoint(name)  # the embedded model's committed weights, if any
+    if checkpoint is not None:
+        return create_model(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=checkpoint)
     model = create_model(name, img_size=spec.img_size, num_classes=splits.num_classes)
     folder = run_dir / "dense"
     if not (folder / "result.json").is_file():

@@ -150,9 +150,9 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequen
     """Enqueue known-good schedules once per study (a resumed or second worker adds none)."""
     if study.user_attrs.get("warm_started"):
         return 0
-    study.set_user_attr("warm_started", True)
-    for config in configs:
+    for config in configs:  # skip_if_exists: a run killed half-way through enqueueing adds no twins
         study.enqueue_trial(space.params_of(config), user_attrs={"warm_start": True}, skip_if_exists=True)
+    study.set_user_attr("warm_started", True)
     return len(configs)
 
 
