@@ -46,16 +46,9 @@ def search(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure,
-    retrain and report the best candidates.
+    """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, retrain and report the best candidates.
 
-    Each trial's latency is predicted from the latency profile; configs over budget are rejected
-    before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well
-    they follow the dense model on calibration images (KL and top-1 agreement). The best feasible
-    candidates are then timed against the dense model on this machine, the top --retrain-top
-    retrained with distillation and evaluated on the test split. Everything lands in --out:
-    summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command
-    again to resume after an interruption.
+    Each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on calibration images (KL and top-1 agreement). The best feasible candidates are then timed against the dense model on this machine, the top --retrain-top retrained with distillation and evaluated on the test split. Everything lands in --out: summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command again to resume after an interruption.
 
     Examples:
 
