@@ -29,6 +29,7 @@ A candidate measured over budget is dropped from `candidates` (kept in results w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -350,10 +351,9 @@ def run_search(req: SearchRequest) -> dict:
                 "profile": prof.manifest.get("table_sha256"),
                 "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "axes": list(space.axes)},
                 "data": splits.name, "calib_size": req.calib_size, "proxy_size": int(calib.shape[0]), "seed": req.seed}
-    study = st.open_study(url, req.study_name, st.make_sampler(req.sampler, req.seed, req.trials), identity)
+    study = st.open_study(url, req.study_name, st.make_sampler(req.sampler, st.worker_seed(req.seed, url), req.trials),
+                          identity)
     local = st.is_local(url)
-    import contextlib
-
     with st.exclusive(run_dir) if local else contextlib.nullcontext():
         if local and (orphans := st.fail_orphans(study)):
             _log(f"resuming: {orphans} trial(s) interrupted by a killed run marked failed and not counted")

@@ -51,6 +51,20 @@ def is_local(url: str) -> bool:
     return url.startswith("sqlite:")
 
 
+def worker_seed(seed: int, url: str) -> int:
+    """The sampler seed of this process: `seed` itself for a local study (reproducible); mixed
+    with host and process id for a shared one, so workers given the same --seed do not all draw
+    the same random startup points (a shared study's order is not reproducible anyway)."""
+    if is_local(url):
+        return seed
+    import hashlib
+    import os
+    import socket
+
+    digest = hashlib.sha256(f"{seed}:{socket.gethostname()}:{os.getpid()}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def make_sampler(name: str, seed: Optional[int], n_trials: int = 100) -> optuna.samplers.BaseSampler:
     """A constraint-aware sampler (CMA-ES and GP are left out: CMA-ES ignores constraints and
     categorical parameters, the space is mostly categorical)."""
