@@ -168,4 +168,4 @@ def test_committed_default_weights_load_automatically_and_classify_fashion_mnist
     dense, _, _ = load_models(None)
     torch.testing.assert_close(dense.state_dict(), load_state(path))
     splits = load_dataset("fashion-mnist", ModelSpec.from_model(dense), test_limit=500)
-    assert evaluate(dense, splits.test) > 0.8
+    assert evaluate(dense, splits.test) > 0.7  # README: 75.7% on all 10k; chance is 10%
