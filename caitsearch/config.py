@@ -60,9 +60,6 @@ def snap(keep: float, full: int, multiple: int) -> int:
     return int(min(full, max(m, m * round(keep / m))))
 
 
-def _as_spec(model: Union[ModelSpec, nn.Module]) -> ModelSpec:
-    return model if isinstance(model, ModelSpec) else ModelSpec.from_model(model)
-
 
 @dataclass
 class CompressionConfig:
@@ -76,7 +73,7 @@ class CompressionConfig:
     @classmethod
     def dense(cls, model: Union[ModelSpec, nn.Module]) -> "CompressionConfig":
         """The config that compresses nothing."""
-        s = _as_spec(model)
+        s = ModelSpec.of(model)
         block = BlockConfig(keep_qk=s.head_dim, keep_v=s.head_dim, keep_mlp=s.mlp_hidden)
         return cls(model=s.name, img_size=s.img_size, blocks=[block] * s.depth)
 
@@ -94,7 +91,7 @@ class CompressionConfig:
         """A simple schedule: every block keeps `keep_rate` of its widths (snapped), and every
         `merge_every` blocks from `merge_start` on, ATME removes `merge_fraction` of the grid lines,
         alternating columns and rows."""
-        s = _as_spec(model)
+        s = ModelSpec.of(model)
         kqk = snap(keep_rate * s.head_dim, s.head_dim, head_multiple)
         kmlp = snap(keep_rate * s.mlp_hidden, s.mlp_hidden, mlp_multiple)
         h, w = s.grid
@@ -161,7 +158,7 @@ class CompressionConfig:
     # ----- checks and derived quantities ---------------------------------------------------------
     def validate(self, model: Union[ModelSpec, nn.Module]) -> ModelSpec:
         """Refuse, with one sentence, a config that does not fit the model; return its spec."""
-        s = _as_spec(model)
+        s = ModelSpec.of(model)
         if self.model != s.name:
             raise ConfigError(f"config is for model '{self.model}' but the model is '{s.name}'.")
         if tuple(self.img_size) != tuple(s.img_size):
@@ -213,7 +210,7 @@ class CompressionConfig:
 
     def macs(self, model: Union[ModelSpec, nn.Module]) -> dict:
         """Analytic multiply-accumulates of the materialised model: per block, stem, head, total."""
-        s = _as_spec(model)
+        s = ModelSpec.of(model)
         per_block = [block_macs(s, b, sh) for b, sh in zip(self.blocks, self.shapes(s))]
         stem = s.num_patches * s.embed_dim * s.in_chans * s.patch_size[0] * s.patch_size[1]
         head = s.embed_dim * s.num_classes * (2 if s.distilled else 1)

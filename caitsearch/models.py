@@ -52,6 +52,11 @@ class ModelSpec:
         return self.num_prefix_tokens + self.num_patches
 
     @classmethod
+    def of(cls, model: "ModelSpec | nn.Module") -> "ModelSpec":
+        """The spec of a model (a spec is its own spec)."""
+        return model if isinstance(model, cls) else cls.from_model(model)
+
+    @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
         from timm.layers import Mlp
         from timm.layers.attention import Attention

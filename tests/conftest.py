@@ -11,10 +11,17 @@ import pytest
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
     """Run `caitsearch ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "caitsearch", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str = "") -> None:
+    """Bad input: exit code 2, exactly one line on stderr containing `fragment`, no traceback."""
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="session")

@@ -2,24 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from caitsearch import CompressionConfig, create_model
-
-
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "caitsearch", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert fragment in lines[0] and "Traceback" not in proc.stderr
+from conftest import assert_one_line_error, run_cli as run
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from caitsearch.config import CompressionConfig
 from caitsearch.models import DEFAULT_MODEL, create_model
 from caitsearch.search.pipeline import save_state
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -86,4 +86,4 @@ def test_tensorrt_says_what_is_missing_or_builds(candidate, tmp_path):
 def test_bad_export_input_exits_2_with_one_line(candidate, tmp_path, args, message):
     folder, _ = candidate
     res = run_cli("export", *[a.format(tmp=tmp_path, cand=folder) for a in args], "--out", tmp_path / "x.onnx")
-    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert_one_line_error(res, message)

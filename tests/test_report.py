@@ -16,7 +16,7 @@ from PIL import Image, ImageStat
 
 from caitsearch.report import load_run, pareto_mask
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
         "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
@@ -167,7 +167,7 @@ def test_compare_puts_runs_in_one_table_and_plot(search_run, tmp_path):
 ])
 def test_bad_report_input_exits_2_with_one_line(search_run, args, message):
     res = run_cli(*[a.format(run=search_run) for a in args])
-    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert_one_line_error(res, message)
 
 
 def test_pareto_mask_keeps_only_undominated_points():

@@ -25,7 +25,7 @@ from caitsearch.search import (
 )
 from caitsearch.space import SearchSpace
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -194,7 +194,5 @@ def test_two_workers_share_one_postgres_study(tmp_path, quick_profile, dense_che
 ])
 def test_bad_budgets_and_foreign_profile_exit_2_with_one_line(tmp_path, quick_profile, extra, message):
     res = run_cli("search", "--profile", quick_profile, "--out", tmp_path / "run", *extra)
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+    assert_one_line_error(res, message)
     assert not (tmp_path / "run" / "study.db").exists()

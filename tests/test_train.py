@@ -17,6 +17,7 @@ from caitsearch.config import CompressionConfig
 from caitsearch.data import load_dataset
 from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model, load_state
 from caitsearch.train import DynamicMasks, evaluate, retrain_compressed, save_model, train_dense
+from conftest import assert_one_line_error, run_cli
 from test_data import needs_fmnist, write_image_folder
 
 VENV_BIN = Path(sys.executable).parent
@@ -42,10 +43,6 @@ def dense_checkpoint(tmp_path) -> Path:
     path = tmp_path / "dense.safetensors"
     save_model(create_model(DEFAULT_MODEL), path)
     return path
-
-
-def cli(*args, env=ENV, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "caitsearch"), *map(str, args)], capture_output=True, text=True, env=env, **kw)
 
 
 def test_dense_training_on_an_image_folder_learns_and_saves(tmp_path):
@@ -116,7 +113,7 @@ def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path)
     saved = torch.load(state, weights_only=True)["step"]
     assert 4 <= saved < 40 and not (out / "metrics.json").exists()
 
-    done = cli(*args, timeout=300)
+    done = run_cli(*args, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     assert metrics["resumed_from_step"] == saved and metrics["steps"] == 40
@@ -146,16 +143,14 @@ def test_retraining_under_torchrun_with_two_processes_gives_a_working_checkpoint
 
 def test_cli_missing_dataset_and_foreign_checkpoint_exit_2_with_one_line(tmp_path):
     env = {**ENV, "CAITSEARCH_FASHION_MNIST": str(tmp_path / "empty")}
-    missing = cli("train", "--epochs", 1, "--out", tmp_path / "a", env=env)
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "apt-get install -y dataset-fashion-mnist" in missing.stderr
+    missing = run_cli("train", "--epochs", 1, "--out", tmp_path / "a", env=env)
+    assert_one_line_error(missing, "apt-get install -y dataset-fashion-mnist")
 
     foreign = tmp_path / "tiny.safetensors"
     save_model(create_model("deit_tiny_patch16_224", img_size=(32, 32), num_classes=2), foreign)
     root = write_image_folder(tmp_path / "imgs")
-    wrong = cli("train", "--data", root, "--checkpoint", foreign, "--epochs", 1, "--out", tmp_path / "b")
-    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
-    assert "does not fit model deit_fmnist_patch4_32" in wrong.stderr
+    wrong = run_cli("train", "--data", root, "--checkpoint", foreign, "--epochs", 1, "--out", tmp_path / "b", env=ENV)
+    assert_one_line_error(wrong, "does not fit model deit_fmnist_patch4_32")
 
 
 @needs_fmnist

@@ -42,7 +42,8 @@ def search(
     threads: ThreadsOpt = None,
     allow_foreign_profile: Annotated[bool, typer.Option(
         "--allow-foreign-profile", help="Use a profile measured on another device (predictions may be off).")] = False,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it exists).")] = Path("results/search"),
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Run folder, resumed if it exists (default: results/<model>-b<budget>).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -63,6 +64,11 @@ def search(
     from ..search.pipeline import SearchRequest, run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
+        from ..models import DEFAULT_MODEL
+
+        label = f"b{budget:g}" if budget is not None else f"ms{budget_ms:g}" if budget_ms is not None else "search"
+        out_dir = Path("results") / f"{model or DEFAULT_MODEL}-{label}"
     req = SearchRequest(
         out=out_dir, budget=budget, budget_ms=budget_ms, model=model, img_size=img_size, checkpoint=checkpoint,
         data=data, profile=profile, trials=trials, sampler=sampler, seed=seed, storage=storage,

@@ -59,9 +59,6 @@ class Grid:
         return float(total)
 
 
-def _as_spec(model: Union[ModelSpec, nn.Module]) -> ModelSpec:
-    return model if isinstance(model, ModelSpec) else ModelSpec.from_model(model)
-
 
 class LatencyProfile:
     """A measured latency table of one model on one device, backend, batch size and dtype."""
@@ -118,7 +115,7 @@ class LatencyProfile:
 
     def check_model(self, model: Union[ModelSpec, nn.Module]) -> None:
         """Refuse a model other than the one profiled (name, input size, widths or depth)."""
-        s = _as_spec(model)
+        s = ModelSpec.of(model)
         p = self.spec
         if s.name != p.name or tuple(s.img_size) != tuple(p.img_size):
             raise CaitsearchError(f"profile {self.path} is for {p.name} at {list(p.img_size)}, "
