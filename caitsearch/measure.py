@@ -6,6 +6,7 @@ are the figures to trust.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import time
@@ -40,6 +41,24 @@ class Timing:
 
     def summary(self) -> dict:
         return {"median_ms": self.median, "p90_ms": self.p90, "spread": self.spread, "repeats": len(self.samples)}
+
+
+def steady_allocator(threshold: int = 1 << 30) -> bool:
+    """Keep freed CPU tensors in the heap instead of returning them to the OS (glibc `mallopt`).
+
+    By default glibc serves large blocks with fresh `mmap`s and moves that threshold with what
+    the process freed before, so the same model pays page faults or not depending on history: a
+    compressed model, whose blocks differ in shape, paid up to 25% in one process and not in
+    another. A fixed threshold makes timings repeatable and is faster for inference too (PyTorch's
+    CPU tuning guide suggests a caching allocator for the same reason). Returns False where glibc
+    is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold))
 
 
 def set_threads(threads: int | None) -> int:

@@ -44,6 +44,9 @@ def emit_json(data: Any) -> None:
 
 
 def main() -> None:
+    from ..measure import steady_allocator
+
+    steady_allocator()  # before any tensor: timings then do not depend on the process's history
     try:
         app(standalone_mode=False)
     except CaitsearchError as e:

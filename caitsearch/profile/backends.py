@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CaitsearchError
-from ..measure import Timing, measure_interleaved, set_threads
+from ..measure import Timing, measure_interleaved, set_threads, steady_allocator
 
 BACKENDS = ("torch-cpu", "cuda", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,6 +94,7 @@ class TorchBackend:
         self.name, self.dtype_name, self.dtype = name, dtype, DTYPES[dtype]
         self.device = torch.device("cpu" if name == "torch-cpu" else "cuda")
         self.threads = set_threads(threads)
+        steady_allocator()  # parts and whole models must see the same allocator policy
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.telemetry = Telemetry(torch.cuda.current_device()) if self.device.type == "cuda" and _has_nvml() else None
 

@@ -301,7 +301,7 @@ def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
 def run_search(req: SearchRequest) -> dict:
     """Run (or resume) one search and return the summary written to RUN/summary.json."""
     from ..data import load_dataset
-    from ..measure import set_threads
+    from ..measure import set_threads, steady_allocator
     from ..models import DEFAULT_MODEL, create_model
 
     if req.trials < 1:
@@ -311,6 +311,7 @@ def run_search(req: SearchRequest) -> dict:
     st.make_sampler(req.sampler, req.seed)  # refuse a bad name before any work
     Budget.resolve(req.budget, req.budget_ms, 1.0)  # refuse a bad budget before any work
     threads = set_threads(req.threads)
+    steady_allocator()
     name = req.model or DEFAULT_MODEL
     probe = create_model(name, img_size=req.img_size)
     spec = ModelSpec.from_model(probe)
