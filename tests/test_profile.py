@@ -143,6 +143,10 @@ def test_validation_reports_every_metric(profile_dir, tmp_path):
     assert (tmp_path / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     detail = json.loads((tmp_path / "validation.json").read_text())["configs_detail"]
     assert len(detail) == 3 and all(d["measured_ms"] > 0 for d in detail)
+    # every config is also judged relative to the dense model timed beside it
+    for d in detail:
+        assert d["drift_corrected_ms"] == pytest.approx(d["measured_ms"] * result["dense_reference_ms"] / d["dense_ms"])
+    assert set(result["absolute"]) >= {"mape_pct", "within_5pct", "within_10pct", "spearman"}
 
 
 def test_grid_interpolates_multilinearly_and_clamps():

@@ -91,9 +91,12 @@ def validate(
         return
     t = Table(title=f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
                     f"{result['configs']} random configs")
-    for col in ("MAPE", "within ±5%", "within ±10%", "Spearman", "worst"):
+    for col in ("measured", "MAPE", "within ±5%", "within ±10%", "Spearman", "worst"):
         t.add_column(col, justify="right")
-    t.add_row(f"{result['mape_pct']:.1f}%", f"{result['within_5pct']:.0%}", f"{result['within_10pct']:.0%}",
-              f"{result['spearman']:.3f}", f"{result['max_error_pct']:.1f}%")
+    for label, r in (("vs dense in the same run", result), ("absolute ms", result["absolute"])):
+        t.add_row(label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
+                  f"{r['spearman']:.3f}", f"{r['max_error_pct']:.1f}%")
     out.print(t)
+    lo, hi = result["drift_factor_range"]
+    out.print(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
     out.print(f"scatter plot: {result['plot']}")

@@ -158,6 +158,15 @@ class LatencyProfile:
         """Predicted ms per batch of the whole materialised model under `config`."""
         return self.scale * self.raw(config) ** self.exponent
 
+    def measured_e2e(self, config: CompressionConfig) -> float:
+        """The profile's own end-to-end measurement of `config` (its prediction if never measured)."""
+        e2e = self.table[self.table.kind == "e2e"]
+        wanted = config.to_dict()
+        for text, ms in zip(e2e["config"], e2e["median_ms"]):
+            if json.loads(text) == wanted:
+                return float(ms)
+        return self.predict(config)
+
     @property
     def dense_ms(self) -> float:
         return self.predict(CompressionConfig.dense(self.spec))
