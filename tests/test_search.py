@@ -64,7 +64,8 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     warm = [CompressionConfig.uniform(spec, 0.25, 1, merge_fraction=0.5), CompressionConfig.dense(spec)]
     identity = {"model": spec.name, "budget": {"ratio": 0.6}}
     for total in (5, 9):  # a first run, then a resumed one asking for more
-        study = open_study(url, "s", make_sampler("random", 0), identity)
+        study, created = open_study(url, "s", make_sampler("random", 0), identity)
+        assert created == (total == 5)  # the resumed run loads the study it made
         enqueue_warm_starts(study, space, warm)
         run_trials(study, make_objective(space, proxy, prof.predict, budget_ms, total), total)
         assert count(study) == total
@@ -78,6 +79,10 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     assert {t.number for t in feasible_trials(study)} <= {t.number for t in under}
     with pytest.raises(CaitsearchError, match="different budget"):
         open_study(url, "s", make_sampler("random", 0), {**identity, "budget": {"ratio": 0.3}})
+    # a worker that only joined a shared study leaves the warm starts to the one that created it
+    joined, created = open_study(url, "fresh", make_sampler("random", 0), identity)
+    joined, created = open_study(url, "fresh", make_sampler("random", 0), identity)
+    assert not created and enqueue_warm_starts(joined, space, warm, may_enqueue=False) == 0
 
 
 def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpoint):

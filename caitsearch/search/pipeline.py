@@ -352,13 +352,14 @@ def run_search(req: SearchRequest) -> dict:
                 "profile": prof.manifest.get("table_sha256"),
                 "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "axes": list(space.axes)},
                 "data": splits.name, "calib_size": req.calib_size, "proxy_size": int(calib.shape[0]), "seed": req.seed}
-    study = st.open_study(url, req.study_name, st.make_sampler(req.sampler, st.worker_seed(req.seed, url), req.trials),
-                          identity)
+    study, created = st.open_study(url, req.study_name,
+                                   st.make_sampler(req.sampler, st.worker_seed(req.seed, url), req.trials), identity)
     local = st.is_local(url)
     with st.exclusive(run_dir) if local else contextlib.nullcontext():
         if local and (orphans := st.fail_orphans(study)):
             _log(f"resuming: {orphans} trial(s) interrupted by a killed run marked failed and not counted")
-        st.enqueue_warm_starts(study, space, warm_starts(space, predict, budget, limit=max(1, min(4, req.trials // 4))))
+        st.enqueue_warm_starts(study, space, warm_starts(space, predict, budget, limit=max(1, min(4, req.trials // 4))),
+                               may_enqueue=created or local)
         with _progress(req.progress) as bars:
             task = bars.add_task("trials", total=req.trials, completed=min(req.trials, st.count(study)))
             st.run_trials(study, st.make_objective(space, proxy, predict, budget.ms, req.trials), req.trials,

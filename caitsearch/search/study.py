@@ -117,12 +117,17 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identity: dict) -> optuna.Study:
-    """Create or load the study; `identity` (model, size, budget, space...) must match a stored one,
-    because trials scored under another budget or space cannot be mixed in."""
+def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identity: dict) -> tuple[optuna.Study, bool]:
+    """Create or load the study, and say whether this process created it; `identity` (model, size,
+    budget, space...) must match a stored one, because trials scored under another budget or space
+    cannot be mixed in."""
     storage = _storage(url)
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                direction="minimize", load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:  # resumed, or another worker was first
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+        created = False
     stored = study.user_attrs.get("identity")
     wanted = json.loads(json.dumps(identity))
     if stored is None:
@@ -132,7 +137,7 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identi
         raise CaitsearchError(
             f"study '{name}' in {redact(url)} was started with a different {', '.join(diff)}; "
             "use a new --study-name or --out folder.")
-    return study
+    return study, created
 
 
 @contextlib.contextmanager
@@ -160,9 +165,14 @@ def fail_orphans(study: optuna.Study) -> int:
     return len(orphans)
 
 
-def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequence[CompressionConfig]) -> int:
-    """Enqueue known-good schedules once per study (a resumed or second worker adds none)."""
-    if study.user_attrs.get("warm_started"):
+def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequence[CompressionConfig],
+                        may_enqueue: bool = True) -> int:
+    """Enqueue known-good schedules once per study (a resumed or second worker adds none).
+
+    Two workers that open a shared study together both see no `warm_started` mark yet, and
+    `skip_if_exists` does not guard concurrent callers: on shared storage only the worker that
+    created the study enqueues (`may_enqueue`)."""
+    if study.user_attrs.get("warm_started") or not may_enqueue:
         return 0
     for config in configs:  # skip_if_exists: a run killed half-way through enqueueing adds no twins
         study.enqueue_trial(space.params_of(config), user_attrs={"warm_start": True}, skip_if_exists=True)
