@@ -1,6 +1,6 @@
 """Core speed figures (issue 2): overhead of the compressed path, cost of a merge step, and the
 wall-clock speedup of half-MAC configs, each against the dense timm model timed in the same
-interleaved run. Writes bench/results/core.json and bench/results/core.md.
+interleaved run. Writes bench/results/core.json (BENCHMARKS.md: bench/write_benchmarks.py).
 
     .venv/bin/python bench/core_bench.py                 # DeiT-Tiny and DeiT-Small, batch 32 and 1
     .venv/bin/python bench/core_bench.py --only overhead # re-measure one section, keep the others
@@ -22,6 +22,7 @@ from caitsearch import CompressionConfig, ModelSpec, compress, create_model, mat
 from caitsearch.compress.atme import TokenGrid
 from caitsearch.io import atomic_write_text
 from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
+from write_benchmarks import core_section  # one renderer for the console and BENCHMARKS.md
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -92,23 +93,6 @@ def merge_cost(name: str, batch: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(e2e: list[dict], merges: list[dict], overhead: list[dict], meta: dict) -> str:
-    lines = [f"Measured by `.venv/bin/python bench/core_bench.py` on {meta['cpu']} ({meta['threads']} threads), "
-             f"torch {meta['torch']}, fp32; medians of {meta['repeats']} interleaved repeats.", "",
-             "| model | batch | variant | median ms | MACs vs dense | speedup vs dense | realised share of MAC cut |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in e2e:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | {r['mac_ratio']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['realised']:.2f} |")
-    lines += ["", "| model | batch | merge step | block ms | merge ms | share of block |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in merges:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['case']} | {r['block_ms']:.2f} | {r['merge_ms']:.3f} | {r['share']:.1%} |")
-    lines += ["", "| model | batch | stock timm ms | compressed path, nothing compressed, ms | ratio |", "| --- | --- | --- | --- | --- |"]
-    for r in overhead:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['timm_ms']:.2f} | {r['caitsearch_ms']:.2f} | {r['ratio']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 SECTIONS = ("end_to_end", "merge_cost", "overhead")
 
 
@@ -145,9 +129,7 @@ def main() -> None:
         pass
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "core.json", json.dumps({"meta": meta, **results}, indent=1))
-    md = markdown(results["end_to_end"], results["merge_cost"], results["overhead"], meta)
-    atomic_write_text(RESULTS / "core.md", md)
-    print(md)
+    print("\n".join(core_section({"meta": meta, **results})))  # BENCHMARKS.md: bench/write_benchmarks.py
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ def check(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def core_section(core: dict) -> list[str]:
     meta = core["meta"]
     out = ["## Core: the compressed path, merge cost, speedup of half-MAC configs",
@@ -30,18 +34,18 @@ def core_section(core: dict) -> list[str]:
     if over:
         worst = max(r["ratio"] for r in over)
         out += ["**Compressed path with nothing compressed vs stock timm** (own A/B loop; goal: within 3%, "
-                f"{check(worst <= 1.03)}: worst {worst:.3f}x)", "",
-                "| model | batch | stock timm ms | caitsearch ms | ratio |", "| --- | --- | --- | --- | --- |"]
-        out += [f"| {r['model']} | {r['batch']} | {r['timm_ms']:.2f} | {r['caitsearch_ms']:.2f} | {r['ratio']:.3f} |"
-                for r in over] + [""]
+                f"{check(worst <= 1.03)}: worst {worst:.3f}x)", ""]
+        out += md_table(["model", "batch", "stock timm ms", "caitsearch ms", "ratio"],
+                        [[r["model"], str(r["batch"]), f"{r['timm_ms']:.2f}", f"{r['caitsearch_ms']:.2f}", f"{r['ratio']:.3f}"]
+                         for r in over]) + [""]
     merges = core.get("merge_cost", [])
     if merges:
         worst = max(r["share"] for r in merges)
         out += [f"**One ATME merge step against the block it sits in** (goal: at most 5%, {check(worst <= 0.05)}: "
-                f"worst {worst:.1%})", "",
-                "| model | batch | merge | block ms | merge ms | share |", "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {r['model']} | {r['batch']} | {r['case']} | {r['block_ms']:.2f} | {r['merge_ms']:.3f} | {r['share']:.1%} |"
-                for r in merges] + [""]
+                f"worst {worst:.1%})", ""]
+        out += md_table(["model", "batch", "merge", "block ms", "merge ms", "share"],
+                        [[r["model"], str(r["batch"]), r["case"], f"{r['block_ms']:.2f}", f"{r['merge_ms']:.3f}", f"{r['share']:.1%}"]
+                         for r in merges]) + [""]
     e2e = core.get("end_to_end", [])
     if e2e:
         s32 = [r for r in e2e if r["model"].startswith("deit_small") and r["batch"] == 32 and r["variant"].startswith("cait")]
@@ -53,11 +57,10 @@ def core_section(core: dict) -> list[str]:
                     f"{r['speedup']:.2f}x at {r['mac_ratio']:.3f}x MACs, {r['realised']:.2f} realised)")
         out += [f"**End to end, materialised compressed models vs dense**{goal}. Configs are `CompressionConfig.uniform` "
                 "schedules (see `CONFIGS` in the script). 'Realised' is speedup x MAC ratio: 1.0 means the "
-                "wall-clock gain equals the MAC reduction.", "",
-                "| model | batch | variant | median ms | MACs vs dense | speedup | realised |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | {r['mac_ratio']:.3f} | "
-                f"{r['speedup']:.2f}x | {r['realised']:.2f} |" for r in e2e] + [""]
+                "wall-clock gain equals the MAC reduction.", ""]
+        out += md_table(["model", "batch", "variant", "median ms", "MACs vs dense", "speedup", "realised"],
+                        [[r["model"], str(r["batch"]), r["variant"], f"{r['median_ms']:.2f}", f"{r['mac_ratio']:.3f}",
+                          f"{r['speedup']:.2f}x", f"{r['realised']:.2f}"] for r in e2e]) + [""]
     return out
 
 
