@@ -282,6 +282,7 @@ def _say(message: str) -> None:
 def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
     """The latency profile: the given file, else the default one for this model, built if missing."""
     from ..profile import LatencyProfile, build_profile, default_profile_path
+    from ..profile.build import MANIFEST
 
     if req.profile is not None:
         if not Path(req.profile).exists():
@@ -289,7 +290,7 @@ def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
         path = Path(req.profile)
     else:
         path = default_profile_path(model_name, spec.img_size, "torch-cpu", 32, "fp32")
-        if not path.is_file():
+        if not (path / MANIFEST).is_file():  # a profile is a folder; an unfinished one resumes
             _log(f"no latency profile for {model_name} at {path}; profiling this machine first")
             path = build_profile(model_name, img_size=spec.img_size, backend="torch-cpu", batch_size=32,
                                  dtype="fp32", threads=req.threads, out=path, progress=req.progress)
