@@ -60,9 +60,9 @@ def load_models(
     checkpoint: Optional[Path] = None,
     pretrained: bool = False,
     num_classes: Optional[int] = None,
-) -> tuple[torch.nn.Module, CompressionConfig, Optional[CaitViT]]:
+) -> tuple[torch.nn.Module, CompressionConfig, CaitViT]:
     """The dense timm model, the config (dense if none given), and the materialised compressed
-    model (None without a config). A compressed checkpoint fills the compressed model; a dense one
+    model (without a config: the compressed code path with nothing compressed). A compressed checkpoint fills the compressed model; a dense one
     fills the dense model, from which the compressed one is derived."""
     config = load_config(config_path)
     name = model or (config.model if config else DEFAULT_MODEL)
@@ -82,7 +82,8 @@ def load_models(
     if config is None:
         if compressed_state:
             raise CaitsearchError(f"checkpoint {checkpoint} holds a compressed model; pass its --config too.")
-        return dense, CompressionConfig.dense(dense), None
+        config = CompressionConfig.dense(dense)  # the compressed code path with nothing compressed
+        return dense, config, compress(dense, config).eval()
     config.validate(dense)
     if compressed_state:
         return dense, config, load_materialized(dense, config, state).eval()

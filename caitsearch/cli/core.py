@@ -108,10 +108,6 @@ def bench(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     n_threads = set_threads(threads)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
-    if compressed is None:
-        from ..compress import compress
-
-        compressed = compress(dense, cfg).eval()
     spec = ModelSpec.from_model(dense)
     dense, compressed = dense.to(dev, dt), compressed.to(dev, dt)
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
@@ -183,10 +179,6 @@ def export(
             raise CaitsearchError(f"{candidate} is not a candidate folder (it needs config.json and model.safetensors).")
         config, checkpoint = candidate / "config.json", candidate / "model.safetensors"
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
-    if compressed is None:
-        from ..compress import compress
-
-        compressed = compress(dense, cfg).eval()
     out_path = out_path or Path({"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}[fmt])
     result = export_model(compressed, fmt, out_path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)
     if as_json:
