@@ -7,7 +7,8 @@ A config is JSON, one entry per block::
                  "keep_qk": 64, "keep_v": 64, "keep_mlp": 1536}, ...]}
 
 `merge_axis`/`merge_count` say how many grid columns or rows ATME removes after the block's
-attention; `keep_qk`/`keep_v` are the per-head widths CDCP keeps (the same in every head), and
+attention (or, with axis "tokens", how many tokens ToMe's bipartite matching removes: the baseline;
+after it the tokens are a set, described as a 1 x n strip, and no grid merge may follow); `keep_qk`/`keep_v` are the per-head widths CDCP keeps (the same in every head), and
 `keep_mlp` the MLP hidden width. From it follow the grid at every block, token counts and MACs.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .errors import ConfigError
 from .io import atomic_write_text
 from .models import ModelSpec
 
-MERGE_AXES = ("none", "cols", "rows")
+MERGE_AXES = ("none", "cols", "rows", "tokens")
+GRID_AXES = ("cols", "rows")
 HEAD_MULTIPLE = 8
 MLP_MULTIPLE = 32
 _BLOCK_KEYS = ("merge_axis", "merge_count", "keep_qk", "keep_v", "keep_mlp")
@@ -50,6 +52,22 @@ class BlockShape:
     w_out: int
     tokens_in: int
     tokens_out: int
+
+
+def lines_along(axis: str, h: int, w: int) -> int:
+    """What a merge along `axis` removes from: columns, rows, or (ToMe) patch tokens."""
+    return {"cols": w, "rows": h, "tokens": h * w}[axis]
+
+
+def after_merge(axis: str, count: int, h: int, w: int) -> tuple[int, int]:
+    """The grid left by removing `count` lines along `axis` (a ToMe merge leaves a 1 x n strip)."""
+    if axis == "cols":
+        return h, w - count
+    if axis == "rows":
+        return h - count, w
+    if axis == "tokens":
+        return 1, h * w - count
+    return h, w
 
 
 def snap(keep: float, full: int, multiple: int) -> int:
@@ -168,6 +186,7 @@ class CompressionConfig:
         if len(self.blocks) != s.depth:
             raise ConfigError(f"config has {len(self.blocks)} blocks but {s.name} has {s.depth}.")
         h, w = s.grid
+        flat = False
         for i, b in enumerate(self.blocks):
             for key, full in (("keep_qk", s.head_dim), ("keep_v", s.head_dim), ("keep_mlp", s.mlp_hidden)):
                 k = getattr(b, key)
@@ -183,16 +202,17 @@ class CompressionConfig:
                 continue
             if s.attn_pool:
                 raise ConfigError(f"block {i}: {s.name} pools with attention, which token merging does not support.")
-            lines = w if b.merge_axis == "cols" else h
+            if flat and b.merge_axis in GRID_AXES:
+                raise ConfigError(f"block {i}: a {b.merge_axis} merge cannot follow a ToMe merge: the tokens are no longer on a grid.")
+            lines = lines_along(b.merge_axis, h, w)
             if b.merge_count > lines // 2:
+                what = {"cols": "columns", "rows": "rows", "tokens": "patch tokens"}[b.merge_axis]
                 raise ConfigError(
                     f"block {i}: merge_count {b.merge_count} is more than half of the {lines} "
-                    f"{'columns' if b.merge_axis == 'cols' else 'rows'} left at that block (at most {lines // 2})."
+                    f"{what} left at that block (at most {lines // 2})."
                 )
-            if b.merge_axis == "cols":
-                w -= b.merge_count
-            else:
-                h -= b.merge_count
+            h, w = after_merge(b.merge_axis, b.merge_count, h, w)
+            flat = flat or b.merge_axis == "tokens"
         return s
 
     def shapes(self, model: Union[ModelSpec, nn.Module]) -> list[BlockShape]:
@@ -201,8 +221,7 @@ class CompressionConfig:
         h, w = s.grid
         out = []
         for b in self.blocks:
-            h2 = h - b.merge_count if b.merge_axis == "rows" else h
-            w2 = w - b.merge_count if b.merge_axis == "cols" else w
+            h2, w2 = after_merge(b.merge_axis, b.merge_count, h, w)
             p = s.num_prefix_tokens
             out.append(BlockShape(h, w, h2, w2, p + h * w, p + h2 * w2))
             h, w = h2, w2
@@ -215,6 +234,17 @@ class CompressionConfig:
         stem = s.num_patches * s.embed_dim * s.in_chans * s.patch_size[0] * s.patch_size[1]
         head = s.embed_dim * s.num_classes * (2 if s.distilled else 1)
         return {"blocks": per_block, "stem": stem, "head": head, "total": stem + head + sum(per_block)}
+
+    @classmethod
+    def tome(cls, model: Union[ModelSpec, nn.Module], r: int) -> "CompressionConfig":
+        """ToMe's published schedule: every block removes `r` tokens (fewer once half is the cap)."""
+        s = ModelSpec.of(model)
+        n, blocks = s.grid[0] * s.grid[1], []
+        for _ in range(s.depth):
+            count = min(r, n // 2)
+            blocks.append(BlockConfig(s.head_dim, s.head_dim, s.mlp_hidden, "tokens" if count else "none", count))
+            n -= count
+        return cls(model=s.name, img_size=s.img_size, blocks=blocks)
 
     def with_blocks(self, blocks: Iterable[BlockConfig]) -> "CompressionConfig":
         return replace(self, blocks=list(blocks))
@@ -261,4 +291,5 @@ def _block_from_dict(i: int, b: dict) -> BlockConfig:
     return BlockConfig(b["keep_qk"], b["keep_v"], b["keep_mlp"], axis, count)
 
 
-__all__ = ["BlockConfig", "BlockShape", "CompressionConfig", "MERGE_AXES", "block_macs", "snap"]
+__all__ = ["BlockConfig", "BlockShape", "CompressionConfig", "GRID_AXES", "MERGE_AXES", "after_merge", "block_macs",
+           "lines_along", "snap"]

@@ -8,15 +8,20 @@ latency table can cover the token counts exactly.
 Optuna sees per block: `b{i}_axis` (none/cols/rows), `b{i}_merge` (a fraction of the lines left
 in [0, 0.5], turned into a count), `b{i}_qk`, `b{i}_v`, `b{i}_mlp` (keep widths from the choices).
 Fractions rather than counts keep every parameter's range static, which samplers need.
+
+A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
+by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only
+prunes, and `tome` is the ToMe baseline (axis none/tokens, the merge fraction of the tokens left
+giving the per-block r; no pruning).
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
-from .config import MERGE_AXES, BlockConfig, CompressionConfig
+from .config import GRID_AXES, BlockConfig, CompressionConfig, after_merge, lines_along
 from .models import ModelSpec
 
 
@@ -25,6 +30,15 @@ def _multiples(full: int, multiple: int, min_keep: float) -> list[int]:
     low = max(step, math.ceil(min_keep * full / step) * step)
     values = list(range(low, full + 1, step))
     return values if values and values[-1] == full else values + [full]
+
+
+# strategy -> (merge, prune, token_merge): what the search may change
+STRATEGIES = {
+    "cait": (True, True, False),
+    "atme": (True, False, False),
+    "cdcp": (False, True, False),
+    "tome": (True, False, True),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,20 @@ class SearchSpace:
     min_lines: int = 2
     merge: bool = True
     prune: bool = True
+    token_merge: bool = False  # merges are ToMe's (axis "tokens") instead of ATME's grid lines
+
+    @classmethod
+    def for_strategy(cls, spec: ModelSpec, strategy: str = "cait", **kwargs) -> "SearchSpace":
+        if strategy not in STRATEGIES:
+            from .errors import CaitsearchError
+
+            raise CaitsearchError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        merge, prune, token_merge = STRATEGIES[strategy]
+        return cls(spec, merge=merge, prune=prune, token_merge=token_merge, **kwargs)
+
+    @property
+    def strategy(self) -> str:
+        return next((k for k, v in STRATEGIES.items() if v == (self.merge, self.prune, self.token_merge)), "custom")
 
     @property
     def qk_choices(self) -> list[int]:
@@ -51,13 +79,17 @@ class SearchSpace:
 
     @property
     def axes(self) -> tuple[str, ...]:
-        return MERGE_AXES if self.merge and not self.spec.attn_pool else ("none",)
+        if not self.merge or self.spec.attn_pool:
+            return ("none",)
+        return ("none", "tokens") if self.token_merge else ("none",) + GRID_AXES
 
     def grids(self) -> list[tuple[int, int]]:
-        """Every (h, w) grid a config in this space can reach."""
+        """Every (h, w) grid a config in this space can reach (ToMe's token sets as 1 x n strips)."""
         H, W = self.spec.grid
         if not self.merge:
             return [(H, W)]
+        if self.token_merge:
+            return [(H, W)] + [(1, n) for n in range(min(self.min_lines, H * W), H * W)]
         low_h, low_w = min(H, self.min_lines), min(W, self.min_lines)
         return [(h, w) for h in range(low_h, H + 1) for w in range(low_w, W + 1)]
 
@@ -75,15 +107,12 @@ class SearchSpace:
         blocks = []
         for i in range(s.depth):
             axis = str(params.get(f"b{i}_axis", "none"))
-            lines = w if axis == "cols" else h
+            lines = lines_along(axis, h, w) if axis != "none" else 0
             count = int(float(params.get(f"b{i}_merge", 0.0)) * lines) if axis != "none" else 0
             count = min(count, self.max_merge(lines))
             if count == 0:
                 axis = "none"
-            elif axis == "cols":
-                w -= count
-            else:
-                h -= count
+            h, w = after_merge(axis, count, h, w)
             blocks.append(BlockConfig(
                 keep_qk=int(params.get(f"b{i}_qk", s.head_dim)),
                 keep_v=int(params.get(f"b{i}_v", s.head_dim)),
@@ -112,14 +141,11 @@ class SearchSpace:
         params = {}
         for i, b in enumerate(config.blocks):
             if len(self.axes) > 1:
-                lines = w if b.merge_axis == "cols" else h
+                lines = lines_along(b.merge_axis, h, w) if b.merge_axis != "none" else 1
                 params[f"b{i}_axis"] = b.merge_axis
                 # the middle of the interval that floors to this count
                 params[f"b{i}_merge"] = min(0.5, (b.merge_count + 0.5) / lines) if b.merge_count else 0.0
-                if b.merge_axis == "cols":
-                    w -= b.merge_count
-                elif b.merge_axis == "rows":
-                    h -= b.merge_count
+                h, w = after_merge(b.merge_axis, b.merge_count, h, w)
             if self.prune:
                 params.update({f"b{i}_qk": b.keep_qk, f"b{i}_v": b.keep_v, f"b{i}_mlp": b.keep_mlp})
         return params
@@ -135,3 +161,34 @@ class SearchSpace:
             params[f"b{i}_v"] = rng.choice(self.v_choices)
             params[f"b{i}_mlp"] = rng.choice(self.mlp_choices)
         return self.config_from_params(params)
+
+    def refuses(self, config: CompressionConfig) -> Optional[str]:
+        """Why `config` lies outside this space (None when it fits)."""
+        s = self.spec
+        for i, b in enumerate(config.blocks):
+            if b.merge_axis not in self.axes:
+                return f"block {i} merges along {b.merge_axis}, which {self.strategy} does not"
+            if not self.prune and (b.keep_qk, b.keep_v, b.keep_mlp) != (s.head_dim, s.head_dim, s.mlp_hidden):
+                return f"block {i} prunes channels, which {self.strategy} does not"
+        return None
+
+    def uniform_schedules(self) -> list[CompressionConfig]:
+        """The strategy's simple schedules, as this space expresses them: warm starts for the
+        search, and the equal-latency baselines of `caitsearch bench`. ToMe's is its published one
+        (the same r in every block); the others keep one width everywhere and merge every k blocks."""
+        s = self.spec
+        keeps = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25) if self.prune else (1.0,)
+        if "tokens" in self.axes:
+            n = s.grid[0] * s.grid[1]
+            configs = [CompressionConfig.tome(s, r) for r in range(0, n // 2 + 1)]
+        else:
+            everies = (0, 3, 2, 1) if len(self.axes) > 1 else (0,)
+            configs = [CompressionConfig.uniform(s, keep, every, head_multiple=self.head_multiple,
+                                                 mlp_multiple=self.mlp_multiple) for keep in keeps for every in everies]
+        return [self.config_from_params(self.params_of(c)) for c in configs]  # as the space can express them
+
+    def schedule_for(self, predict_ms, target_ms: float) -> CompressionConfig:
+        """The uniform schedule predicted closest to `target_ms` without going over (else the fastest)."""
+        scored = [(float(predict_ms(c)), c) for c in self.uniform_schedules()]
+        within = [p for p in scored if p[0] <= target_ms]
+        return max(within, key=lambda p: p[0])[1] if within else min(scored, key=lambda p: p[0])[1]

@@ -28,6 +28,15 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
 
+StrategyOpt = Annotated[Optional[str], typer.Option(
+    "--strategy", help="What may be compressed: cait (ATME merges + CDCP pruning), atme (merges only), "
+                       "cdcp (pruning only) or tome (the ToMe baseline: bipartite token merging).")]
+BudgetOpt = Annotated[Optional[float], typer.Option(
+    "--budget", help="With --strategy and no --config: use the strategy's uniform schedule predicted closest "
+                     "under this fraction of the dense latency (ToMe: the same r in every block).")]
+ProfileOpt = Annotated[Optional[Path], typer.Option(
+    "--profile", help="Latency profile folder (default: this machine's CPU profile of the model, built if missing).")]
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,6 +62,33 @@ def load_config(path: Optional[Path]) -> Optional[CompressionConfig]:
     return CompressionConfig.load(path)
 
 
+def strategy_config(dense: torch.nn.Module, strategy: str, budget: Optional[float], config: Optional[CompressionConfig],
+                    profile: Optional[Path] = None) -> Optional[CompressionConfig]:
+    """The config a command runs under `--strategy`: the given one, checked to lie in the
+    strategy's space, or (with --budget) the strategy's uniform schedule predicted closest under
+    the budget by the latency profile."""
+    from ..models import ModelSpec
+    from ..space import SearchSpace
+
+    spec = ModelSpec.from_model(dense)
+    space = SearchSpace.for_strategy(spec, strategy)
+    if config is not None:
+        if budget is not None:
+            raise CaitsearchError("give --config or --budget, not both: --budget picks a config itself.")
+        problem = space.refuses(config)
+        if problem:
+            raise CaitsearchError(f"the config is not a {strategy} config: {problem}.")
+        return config
+    if budget is None:
+        return None
+    if not budget > 0:
+        raise CaitsearchError(f"--budget must be a positive fraction of the dense latency, not {budget:g}.")
+    from ..search.pipeline import find_profile
+
+    prof = find_profile(spec, profile)
+    return space.schedule_for(prof.predict, budget * prof.dense_ms)
+
+
 def load_models(
     model: Optional[str],
     img_size: Optional[tuple[int, int]] = None,
@@ -60,12 +96,20 @@ def load_models(
     checkpoint: Optional[Path] = None,
     pretrained: bool = False,
     num_classes: Optional[int] = None,
+    strategy: Optional[str] = None,
+    budget: Optional[float] = None,
+    profile: Optional[Path] = None,
 ) -> tuple[torch.nn.Module, CompressionConfig, CaitViT]:
     """The dense timm model, the config (dense if none given), and the materialised compressed
     model (without a config: the compressed code path with nothing compressed). A compressed checkpoint fills the compressed model; a dense one
     fills the dense model, from which the compressed one is derived."""
     config = load_config(config_path)
+    if budget is not None and config is not None:
+        raise CaitsearchError("give --config or --budget, not both: --budget picks a config itself.")
     name = model or (config.model if config else DEFAULT_MODEL)
+    if budget is not None:  # the strategy's schedule needs the model first
+        probe = create_model(name, img_size=img_size, num_classes=num_classes)
+        config = strategy_config(probe, strategy or "cait", budget, None, profile)
     size = img_size or (tuple(config.img_size) if config else None)
     state = load_state(checkpoint) if checkpoint else None
     compressed_state = state is not None and is_compressed_state(state)
@@ -85,6 +129,8 @@ def load_models(
         config = CompressionConfig.dense(dense)  # the compressed code path with nothing compressed
         return dense, config, compress(dense, config).eval()
     config.validate(dense)
+    if strategy is not None:
+        strategy_config(dense, strategy, None, config)  # refuses a config outside the strategy's space
     if compressed_state:
         return dense, config, load_materialized(dense, config, state).eval()
     return dense, config, materialize(compress(dense, config)).eval()

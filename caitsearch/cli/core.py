@@ -14,8 +14,8 @@ from ..measure import measure_interleaved, set_threads
 from ..models import ModelSpec
 from .app import app, emit_json, out
 from .common import (
-    BatchOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, PretrainedOpt, ThreadsOpt, load_models, resolve_device, resolve_dtype,
+    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
+    NumClassesOpt, PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt, load_models, resolve_device, resolve_dtype,
 )
 
 
@@ -83,6 +83,9 @@ def inspect(
 def bench(
     model: ModelOpt = None,
     config: ConfigOpt = None,
+    strategy: StrategyOpt = None,
+    budget: BudgetOpt = None,
+    profile: ProfileOpt = None,
     img_size: ImgSizeOpt = None,
     checkpoint: CheckpointOpt = None,
     batch_size: BatchOpt = 32,
@@ -104,10 +107,13 @@ def bench(
       caitsearch bench --config cfg.json --batch-size 32
 
       caitsearch bench --model deit_small_patch16_224 --batch-size 1 --json
+
+      caitsearch bench --strategy tome --budget 0.6      # ToMe's r-schedule predicted at 0.6x dense
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     n_threads = set_threads(threads)
-    dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
+    dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
+                                         profile=profile)
     spec = ModelSpec.from_model(dense)
     dense, compressed = dense.to(dev, dt), compressed.to(dev, dt)
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
@@ -121,6 +127,7 @@ def bench(
         "speedup": speedup, "mac_ratio": macs["mac_ratio"],
         # share of the MAC reduction that became wall-clock speedup (1.0 = all of it)
         "realised": speedup * macs["mac_ratio"],
+        "config": cfg.to_dict(),
     }
     if as_json:
         emit_json(result)

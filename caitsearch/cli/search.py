@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .app import app, emit_json, out
-from .common import CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
+from .common import CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, StrategyOpt, ThreadsOpt
 
 
 @app.command()
@@ -20,6 +20,7 @@ def search(
     profile: Annotated[Optional[Path], typer.Option(
         "--profile", help="Latency profile JSON (default: this machine's profile of the model, built if missing).")] = None,
     model: ModelOpt = None,
+    strategy: StrategyOpt = "cait",
     img_size: ImgSizeOpt = None,
     checkpoint: CheckpointOpt = None,
     data: Annotated[str, typer.Option(
@@ -55,6 +56,8 @@ def search(
 
       caitsearch search --budget 0.6
 
+      caitsearch search --budget 0.6 --strategy tome      # the ToMe baseline, searched the same way
+
       caitsearch search --budget-ms 12.5 --model deit_tiny_patch16_224 --checkpoint dense.pth --data ./imagenette
 
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
@@ -68,9 +71,10 @@ def search(
         from ..models import DEFAULT_MODEL
 
         label = f"b{budget:g}" if budget is not None else f"ms{budget_ms:g}" if budget_ms is not None else "search"
-        out_dir = Path("results") / f"{model or DEFAULT_MODEL}-{label}"
+        method = "" if strategy == "cait" else f"-{strategy}"
+        out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{label}"
     req = SearchRequest(
-        out=out_dir, budget=budget, budget_ms=budget_ms, model=model, img_size=img_size, checkpoint=checkpoint,
+        out=out_dir, strategy=strategy, budget=budget, budget_ms=budget_ms, model=model, img_size=img_size, checkpoint=checkpoint,
         data=data, profile=profile, trials=trials, sampler=sampler, seed=seed, storage=storage,
         study_name=study_name, retrain_top=retrain_top, epochs=epochs, batch_size=batch_size,
         calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit, test_limit=test_limit,
@@ -82,7 +86,7 @@ def search(
         emit_json(summary)
         return
     dense = summary["dense"]
-    t = Table(title=f"{summary['model']} under {summary['budget']['ratio']:.2f}x dense "
+    t = Table(title=f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
                     f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
     for col in ("", "accuracy", "measured ms", "predicted ms", "speedup", "retrained"):
         t.add_column(col, justify="right")

@@ -11,8 +11,8 @@ from ..measure import set_threads
 from ..models import DEFAULT_MODEL, ModelSpec, create_model, default_checkpoint, load_checkpoint
 from .app import app, emit_json, out
 from .common import (
-    BatchOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
-    PretrainedOpt, ThreadsOpt, load_config, resolve_device,
+    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
+    PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt, load_config, resolve_device, strategy_config,
 )
 
 DataOpt = Annotated[str, typer.Option(
@@ -30,6 +30,9 @@ def train(
     data: DataOpt = "fashion-mnist",
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Passes over the training split.")] = 5,
     config: ConfigOpt = None,
+    strategy: StrategyOpt = None,
+    budget: BudgetOpt = None,
+    profile: ProfileOpt = None,
     checkpoint: CheckpointOpt = None,
     pretrained: PretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -61,6 +64,8 @@ def train(
 
       caitsearch train --config best.json --epochs 2 --train-limit 10000 --out runs/retrain
 
+      caitsearch train --strategy tome --budget 0.6 --epochs 3 --out runs/tome   # ToMe's schedule at 0.6x, retrained alike
+
       torchrun --nproc_per_node 2 -m caitsearch train --config best.json --out runs/ddp
 
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
@@ -72,7 +77,13 @@ def train(
     cfg = load_config(config)
     name = model or (cfg.model if cfg else DEFAULT_MODEL)
     size = img_size or (tuple(cfg.img_size) if cfg else None)
-    probe = ModelSpec.from_model(create_model(name, img_size=size, num_classes=num_classes))
+    probe_model = create_model(name, img_size=size, num_classes=num_classes)
+    if strategy is not None or budget is not None:  # the config must lie in (or is picked from) the strategy's space
+        cfg = strategy_config(probe_model, strategy or "cait", budget, cfg, profile)
+        if cfg is not None:  # keep the config beside the weights it trains
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            cfg.save(Path(out_dir) / "config.json")
+    probe = ModelSpec.from_model(probe_model)
     splits = load_dataset(data, probe, seed=seed, calib_size=calib_size, test_limit=test_limit)
     dense = create_model(name, img_size=size, num_classes=num_classes or splits.num_classes, pretrained=pretrained)
     if cfg is not None and checkpoint is None and not pretrained:

@@ -17,6 +17,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .merge import merge_matrix, proportional_bias
+from .tome import TokenSet, start_set
+
 AXIS_DIM = {"rows": 1, "cols": 2}
 
 
@@ -52,19 +55,6 @@ def assign_lines(similarity: torch.Tensor, count: int) -> torch.Tensor:
     return new_index.gather(1, dest)
 
 
-def merge_matrix(line_sizes: torch.Tensor, target: torch.Tensor, out_lines: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image `(B, out_lines, lines)` averaging weights and the new line sizes.
-
-    Within one row, tokens of a column merge weighted by their column widths (the row height is a
-    common factor), so line sizes are all the weights needed. Row `j` of the matrix holds
-    `size_l / new_size_j` for every input line `l` that lands on `j`.
-    """
-    new_sizes = line_sizes.new_zeros(line_sizes.shape[0], out_lines).scatter_add_(1, target, line_sizes)
-    weights = line_sizes / new_sizes.gather(1, target)
-    matrix = line_sizes.new_zeros(line_sizes.shape[0], out_lines, line_sizes.shape[1])
-    return matrix.scatter_(1, target[:, None, :], weights[:, None, :]), new_sizes
-
-
 def merge_lines(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
     """Apply merge weights to a `(B, h, w, C)` grid along `dim` (1: rows, 2: columns).
 
@@ -90,6 +80,7 @@ class TokenGrid(NamedTuple):
     row_height: Optional[torch.Tensor] = None
     col_width: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None  # proportional-attention bias, computed once per merge
+    track: bool = False  # a later ToMe merge should track patch sources (for `unmerge`)
 
     @property
     def merged(self) -> bool:
@@ -104,11 +95,13 @@ class TokenGrid(NamedTuple):
     def with_bias(self, dtype: torch.dtype) -> "TokenGrid":
         """Proportional attention: `log(size)` added to every key's logit, as a `(B, 1, 1, N)` float
         `attn_mask` for `scaled_dot_product_attention`, which keeps the fused kernel."""
-        bias = F.pad(self.token_sizes().log(), (self.prefix, 0))
-        return self._replace(bias=bias.to(dtype)[:, None, None, :])
+        return self._replace(bias=proportional_bias(self.token_sizes(), self.prefix, dtype))
 
     def merge(self, x: torch.Tensor, keys: torch.Tensor, axis: str, count: int) -> tuple[torch.Tensor, "TokenGrid"]:
-        """Remove `count` lines along `axis` from tokens `x` (B, N, C) using `keys` (B, N, d)."""
+        """Remove `count` lines along `axis` from tokens `x` (B, N, C) using `keys` (B, N, d);
+        axis "tokens" hands the grid over to ToMe, which removes `count` tokens and no lines."""
+        if axis == "tokens":
+            return self.to_set(x).merge(x, keys, axis, count)
         batch, _, channels = x.shape
         p, h, w = self.prefix, self.h, self.w
         dim = AXIS_DIM[axis]
@@ -123,11 +116,22 @@ class TokenGrid(NamedTuple):
         matrix, new_sizes = merge_matrix(sizes, target, sizes.shape[1] - count)
         merged = merge_lines(grid, matrix, dim)
         if dim == 1:
-            out_grid = TokenGrid(p, h - count, w, new_sizes, cols)
+            out_grid = TokenGrid(p, h - count, w, new_sizes, cols, track=self.track)
         else:
-            out_grid = TokenGrid(p, h, w - count, rows, new_sizes)
+            out_grid = TokenGrid(p, h, w - count, rows, new_sizes, track=self.track)
         tokens = torch.cat([x[:, :p], merged.reshape(batch, -1, channels)], dim=1)
         return tokens, out_grid.with_bias(x.dtype)
+
+    def to_set(self, x: torch.Tensor) -> TokenSet:
+        """The same tokens as a ToMe `TokenSet` (sizes, and sources if tracked)."""
+        if not self.merged:
+            return start_set(x, self.prefix, self.track)
+        source = None
+        if self.track:
+            rows = _cover_index(self.row_height, int(self.row_height[0].sum()))
+            cols = _cover_index(self.col_width, int(self.col_width[0].sum()))
+            source = (rows[:, :, None] * self.w + cols[:, None, :]).flatten(1)
+        return TokenSet(self.prefix, self.token_sizes(), self.bias, source)
 
     def unmerge(self, x: torch.Tensor, full_h: int, full_w: int) -> torch.Tensor:
         """Patch tokens `(B, N, C)` back to the full `(B, full_h, full_w, C)` map: each token is

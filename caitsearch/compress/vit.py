@@ -19,6 +19,9 @@ from torch import nn
 from ..config import BlockConfig, CompressionConfig
 from ..models import POOLS_THAT_AVERAGE, ModelSpec
 from .atme import TokenGrid
+from .tome import TokenSet
+
+TokenLayout = Union[TokenGrid, TokenSet]  # where the tokens are: on a grid (ATME) or a set (ToMe)
 from .cdcp import (
     ChannelStats,
     attention_scores,
@@ -136,7 +139,8 @@ class CaitMlp(nn.Module):
 
 
 class CaitBlock(nn.Module):
-    """`x + attn(norm1(x))`, then ATME on the grid, then `x + mlp(norm2(x))` (LayerScale kept)."""
+    """`x + attn(norm1(x))`, then a token merge (ATME on the grid, or ToMe), then
+    `x + mlp(norm2(x))` (LayerScale kept)."""
 
     def __init__(self, block: nn.Module, cfg: BlockConfig) -> None:
         super().__init__()
@@ -147,7 +151,7 @@ class CaitBlock(nn.Module):
         self.merge_axis = cfg.merge_axis
         self.merge_count = cfg.merge_count if cfg.merge_axis != "none" else 0
 
-    def forward(self, x: torch.Tensor, grid: TokenGrid) -> tuple[torch.Tensor, TokenGrid]:
+    def forward(self, x: torch.Tensor, grid: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
         out, keys = self.attn(self.norm1(x), grid.bias, want_keys=self.merge_count > 0)
         x = x + self.drop_path1(self.ls1(out))
         if self.merge_count:
@@ -166,15 +170,16 @@ class CaitViT(nn.Module):
         vit.blocks = nn.ModuleList(CaitBlock(b, c) for b, c in zip(vit.blocks, config.blocks))
         self.vit = vit
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenGrid]:
+    def forward_features(self, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, TokenLayout]:
+        """Final tokens and their layout; `track` keeps ToMe's patch sources, which `feature_map` needs."""
         v = self.vit
         x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-        grid = TokenGrid(self.spec.num_prefix_tokens, *self.spec.grid)
+        grid: TokenLayout = TokenGrid(self.spec.num_prefix_tokens, *self.spec.grid, track=track)
         for blk in v.blocks:
             x, grid = blk(x, grid)
         return v.norm(x), grid
 
-    def forward_head(self, x: torch.Tensor, grid: TokenGrid, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, grid: TokenLayout, pre_logits: bool = False) -> torch.Tensor:
         v = self.vit
         if not grid.merged or v.global_pool not in POOLS_THAT_AVERAGE:
             return v.forward_head(x, pre_logits=pre_logits)
@@ -195,7 +200,7 @@ class CaitViT(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Patch features unmerged to the full patch grid, `(B, C, H, W)`, for dense heads."""
-        tokens, grid = self.forward_features(x)
+        tokens, grid = self.forward_features(x, track=True)
         return grid.unmerge(tokens, *self.spec.grid).permute(0, 3, 1, 2)
 
 

@@ -2,7 +2,8 @@
 
 The table is rewritten atomically after every interleaved group, together with a manifest marked
 unfinished; re-running the same command skips the entries already in the table, so a killed run
-loses at most the group it was in and never duplicates a row. The finished profile is a directory:
+loses at most the group it was in and never duplicates a row (and a finished profile gains only
+the rows a newer plan added). The finished profile is a directory:
 `table.parquet` (what the predictor reads), `table.csv` (the same, for people) and `manifest.json`
 (settings, device fingerprint, row count and the table's SHA-256).
 """
@@ -191,15 +192,16 @@ def build_profile(
         moved = differences(old.get("fingerprint", {}), fp)
         if moved:
             raise CaitsearchError(f"{directory} was started on another device ({moved[0]}); pass another --out or delete it.")
-        if old.get("complete"):
-            return directory
         started = old.get("started", started)
         if (directory / TABLE).exists():
             table = read_table(directory / TABLE)
     done = set(table["key"]) if len(table) else set()
 
+    # a finished profile is topped up with the rows a newer plan added (e.g. ToMe merges), nothing else
     groups = [[e for e in g if e.key not in done] for g in plan(space, res)]
     groups = [g for g in groups if g]
+    if old.get("complete") and not groups:
+        return directory
     manifest = {"format": FORMAT, **settings, "spec": asdict(spec), "resolution": asdict(res), "fingerprint": fp,
                 "started": started, "complete": False}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")

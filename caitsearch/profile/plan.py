@@ -7,7 +7,8 @@ the `MLP part` on the merged tokens. The table is factored along that split:
   the true widths, so both widths are table dimensions); merged inputs carry the
   proportional-attention bias, the full grid does not, so the full token count is its own entry;
 - `mlp`: tokens x MLP hidden width;
-- `merge`: tokens in x axis (the merge op on a near-square grid of that size);
+- `merge`: tokens in x axis (the merge op on a near-square grid of that size; axis "tokens" is
+  ToMe's bipartite matching, profiled in every profile so that one table serves every strategy);
 - `stem` once, `head` per token count; `e2e`: whole random configs, for the fitted correction.
 
 Every dimension is sampled at a few points (all choices where there are few) and interpolated
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..compress import CaitViT, compress, materialize
 from ..compress.atme import TokenGrid
-from ..config import BlockConfig, CompressionConfig
+from ..config import BlockConfig, CompressionConfig, lines_along
 from ..models import ModelSpec
 from ..space import SearchSpace
 
@@ -111,14 +112,15 @@ class Axes:
         self.qk = by_index(space.qk_choices, res.width_points)
         self.v = by_index(space.v_choices, res.width_points)
         self.mlp = by_index(space.mlp_choices, res.mlp_points)
-        self.merge_axes = [a for a in space.axes if a != "none"]
+        # ToMe's step is always profiled beside ATME's, so one profile serves every strategy
+        self.merge_axes = [a for a in space.axes if a != "none"] + (["tokens"] if "tokens" not in space.axes and len(space.axes) > 1 else [])
 
 
 def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tuple[int, int]:
     """The most square reachable grid with `tokens` tokens (able to lose a line along `axis`)."""
     p = space.spec.num_prefix_tokens
     grids = [(h, w) for h, w in space.grids() if p + h * w == tokens
-             and (axis is None or space.max_merge(w if axis == "cols" else h) > 0)]
+             and (axis is None or space.max_merge(lines_along(axis, h, w)) > 0)]
     if not grids:
         raise ValueError(f"no reachable grid has {tokens} tokens")
     return min(grids, key=lambda g: (abs(g[0] - g[1]), -g[0]))
@@ -150,7 +152,7 @@ def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]
                 h, w = grid_for(space, n, axis)
             except ValueError:
                 continue
-            lines = w if axis == "cols" else h
+            lines = lines_along(axis, h, w)
             merges.append(Entry("merge", n, axis=axis, h=h, w=w, count=max(1, space.max_merge(lines) // 2)))
     if merges:
         groups.append(merges)

@@ -131,7 +131,11 @@ class LatencyProfile:
         return self._attn_merged(tokens, qk, v)
 
     def _merge_ms(self, axis: str, tokens: int) -> float:
-        grid = self._merge.get(axis) or next(iter(self._merge.values()), None)
+        grid = self._merge.get(axis)
+        if grid is None and axis == "tokens" and self._merge:
+            raise CaitsearchError(f"profile {self.path} predates ToMe merge rows; run the command that built it again "
+                                  "to add them (only the missing rows are measured).")
+        grid = grid or next(iter(self._merge.values()), None)
         if grid is None:
             raise CaitsearchError(f"profile {self.path} was built without merges but the config merges tokens.")
         return grid(tokens)

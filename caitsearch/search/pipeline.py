@@ -30,6 +30,7 @@ A candidate measured over budget is dropped from `candidates` (kept in results w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -81,7 +82,7 @@ def corner_configs(space: SearchSpace) -> dict[str, CompressionConfig]:
     def point(width_at: float, merge: float) -> CompressionConfig:
         params = {}
         for i in range(s.depth):
-            params[f"b{i}_axis"] = ("cols", "rows")[i % 2] if len(space.axes) > 1 else "none"
+            params[f"b{i}_axis"] = space.axes[1 + i % (len(space.axes) - 1)] if len(space.axes) > 1 else "none"
             params[f"b{i}_merge"] = merge
             for key, choices in (("qk", space.qk_choices), ("v", space.v_choices), ("mlp", space.mlp_choices)):
                 params[f"b{i}_{key}"] = choices[round(width_at * (len(choices) - 1))]
@@ -114,15 +115,11 @@ def check_reachable(budget: Budget, described: dict) -> None:
 def warm_starts(space: SearchSpace, predict_ms: Callable[[CompressionConfig], float], budget: Budget,
                 limit: int) -> list[CompressionConfig]:
     """Uniform schedules predicted within budget, slowest (most capacity) first."""
-    s = space.spec
     found = {}
-    for keep in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
-        for every in (0, 3, 2, 1):
-            cfg = CompressionConfig.uniform(s, keep, every, head_multiple=space.head_multiple, mlp_multiple=space.mlp_multiple)
-            cfg = space.config_from_params(space.params_of(cfg))  # as the space can express it
-            ms = float(predict_ms(cfg))
-            if ms <= budget.ms:
-                found.setdefault(json.dumps(cfg.to_dict()), (ms, cfg))
+    for cfg in space.uniform_schedules():
+        ms = float(predict_ms(cfg))
+        if ms <= budget.ms:
+            found.setdefault(json.dumps(cfg.to_dict()), (ms, cfg))
     return [cfg for _, cfg in sorted(found.values(), key=lambda p: -p[0])][:limit]
 
 
@@ -231,6 +228,7 @@ class SearchRequest:
     """Everything one `caitsearch search` run needs; the CLI fills it from its options."""
 
     out: Path
+    strategy: str = "cait"  # cait, atme, cdcp or tome (space.STRATEGIES)
     budget: Optional[float] = None
     budget_ms: Optional[float] = None
     model: Optional[str] = None
@@ -280,21 +278,47 @@ def _say(message: str) -> None:
 
 
 def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
-    """The latency profile: the given file, else the default one for this model, built if missing."""
-    from ..profile import LatencyProfile, build_profile, default_profile_path
-    from ..profile.build import MANIFEST
+    return find_profile(spec, req.profile, threads=req.threads, allow_foreign=req.allow_foreign_profile,
+                        progress=req.progress)
 
-    if req.profile is not None:
-        if not Path(req.profile).exists():
-            raise CaitsearchError(f"profile {req.profile} does not exist; build one with `caitsearch profile`.")
-        path = Path(req.profile)
-    else:
-        path = default_profile_path(model_name, spec.img_size, "torch-cpu", 32, "fp32")
-        if not (path / MANIFEST).is_file():  # a profile is a folder; an unfinished one resumes
-            _log(f"no latency profile for {model_name} at {path}; profiling this machine first")
-            path = build_profile(model_name, img_size=spec.img_size, backend="torch-cpu", batch_size=32,
-                                 dtype="fp32", threads=req.threads, out=path, progress=req.progress)
-    prof = LatencyProfile.load(path, allow_foreign=req.allow_foreign_profile)
+
+def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optional[int] = None,
+                 allow_foreign: bool = False, progress: bool = True):
+    """The latency profile: the given one, else this machine's CPU profile of the model, built if
+    missing. A default profile measured elsewhere (the committed ones, on another machine kind) is
+    not used: this machine gets its own folder beside it, named by its fingerprint, profiled once."""
+    from ..profile import build_profile, default_profile_path
+    from ..profile.build import MANIFEST, read_manifest
+    from ..profile.fingerprint import differences, fingerprint
+
+    if profile is not None:
+        if not Path(profile).exists():
+            raise CaitsearchError(f"profile {profile} does not exist; build one with `caitsearch profile`.")
+        return _loaded(Path(profile), spec, allow_foreign)
+    path = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
+    quick = False
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        here = fingerprint("torch-cpu", manifest.get("threads"))
+        if allow_foreign:
+            return _loaded(path, spec, allow_foreign)
+        if differences(manifest.get("fingerprint", {}), here):
+            tag = hashlib.sha1(json.dumps(here, sort_keys=True).encode()).hexdigest()[:8]
+            _log(f"{path} was measured on another machine; using this machine's own profile {path.name}-{tag}")
+            path = path.with_name(f"{path.name}-{tag}")
+        else:  # ours: built with these settings, so the same build tops up rows a newer plan added
+            threads, quick = manifest.get("threads"), bool(manifest.get("quick"))
+    if not (path / MANIFEST).is_file() or not read_manifest(path).get("complete"):  # an unfinished one resumes
+        _log(f"no finished latency profile for {spec.name} at {path}; profiling this machine first")
+    build_profile(spec.name, img_size=spec.img_size, backend="torch-cpu", batch_size=32, dtype="fp32",
+                  threads=threads, out=path, progress=progress, quick=quick)  # a no-op when nothing is missing
+    return _loaded(path, spec, allow_foreign)
+
+
+def _loaded(path: Path, spec: ModelSpec, allow_foreign: bool):
+    from ..profile import LatencyProfile
+
+    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
     prof.check_model(spec)
     return prof
 
@@ -320,7 +344,7 @@ def run_search(req: SearchRequest) -> dict:
     if req.threads is None and prof.manifest.get("threads"):
         threads = set_threads(int(prof.manifest["threads"]))  # time candidates as the profile was timed
     budget = Budget.resolve(req.budget, req.budget_ms, prof.dense_ms)
-    space = SearchSpace(spec)
+    space = SearchSpace.for_strategy(spec, req.strategy)
     predict = prof.predict
     described = describe_space(space, predict)
     described["dense_predicted_ms"] = float(prof.dense_ms)
@@ -399,7 +423,7 @@ def run_search(req: SearchRequest) -> dict:
     candidates.sort(key=lambda c: (not c["retrained"], -c["accuracy"]))
     write_table(run_dir, "results", rows)
     summary = {
-        "model": spec.name, "data": splits.name, "device": str(device),
+        "model": spec.name, "strategy": req.strategy, "data": splits.name, "device": str(device),
         "batch_size": prof.manifest.get("batch_size"), "dtype": prof.manifest.get("dtype"), "threads": threads,
         "budget": {"ratio": budget.ratio, "ms": budget.ms},
         "dense": {"accuracy": dense_acc, "latency_ms": dense_timing["latency_ms"],
