@@ -172,10 +172,11 @@ class SearchSpace:
                 return f"block {i} prunes channels, which {self.strategy} does not"
         return None
 
-    def uniform_schedules(self) -> list[CompressionConfig]:
+    def uniform_schedules(self, fine: bool = False) -> list[CompressionConfig]:
         """The strategy's simple schedules, as this space expresses them: warm starts for the
-        search, and the equal-latency baselines of `caitsearch bench`. ToMe's is its published one
-        (the same r in every block); the others keep one width everywhere and merge every k blocks."""
+        search, and (`fine`: more merge fractions and start blocks) the equal-latency schedules of
+        `caitsearch bench`. ToMe's is its published one (the same r in every block); the others
+        keep one width everywhere and merge a fraction of the lines every k blocks."""
         s = self.spec
         keeps = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25) if self.prune else (1.0,)
         if "tokens" in self.axes:
@@ -183,12 +184,14 @@ class SearchSpace:
             configs = [CompressionConfig.tome(s, r) for r in range(0, n // 2 + 1)]
         else:
             everies = (0, 3, 2, 1) if len(self.axes) > 1 else (0,)
-            configs = [CompressionConfig.uniform(s, keep, every, head_multiple=self.head_multiple,
-                                                 mlp_multiple=self.mlp_multiple) for keep in keeps for every in everies]
+            merges = [(0.25, 0)] + ([(f, start) for f in (0.125, 0.375, 0.5) for start in (0, 1, 2)] if fine else [])
+            configs = [CompressionConfig.uniform(s, keep, every, fraction, start, head_multiple=self.head_multiple,
+                                                 mlp_multiple=self.mlp_multiple)
+                       for keep in keeps for every in everies for fraction, start in (merges if every else merges[:1])]
         return [self.config_from_params(self.params_of(c)) for c in configs]  # as the space can express them
 
     def schedule_for(self, predict_ms, target_ms: float) -> CompressionConfig:
         """The uniform schedule predicted closest to `target_ms` without going over (else the fastest)."""
-        scored = [(float(predict_ms(c)), c) for c in self.uniform_schedules()]
+        scored = [(float(predict_ms(c)), c) for c in self.uniform_schedules(fine=True)]
         within = [p for p in scored if p[0] <= target_ms]
         return max(within, key=lambda p: p[0])[1] if within else min(scored, key=lambda p: p[0])[1]

@@ -283,10 +283,11 @@ def load_profile(req: SearchRequest, spec: ModelSpec, model_name: str):
 
 
 def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optional[int] = None,
-                 allow_foreign: bool = False, progress: bool = True):
+                 allow_foreign: bool = False, progress: bool = True, quick: bool = False):
     """The latency profile: the given one, else this machine's CPU profile of the model, built if
     missing. A default profile measured elsewhere (the committed ones, on another machine kind) is
-    not used: this machine gets its own folder beside it, named by its fingerprint, profiled once."""
+    not used: this machine gets its own folder beside it, named by its fingerprint, profiled once.
+    `quick` applies only to a profile built here from nothing."""
     from ..profile import build_profile, default_profile_path
     from ..profile.build import MANIFEST, read_manifest
     from ..profile.fingerprint import differences, fingerprint
@@ -296,7 +297,6 @@ def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optio
             raise CaitsearchError(f"profile {profile} does not exist; build one with `caitsearch profile`.")
         return _loaded(Path(profile), spec, allow_foreign)
     path = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
-    quick = False
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
         here = fingerprint("torch-cpu", manifest.get("threads"))

@@ -1,0 +1,174 @@
+"""Side by side: cait against atme (merging only), cdcp (pruning only) and the ToMe baseline, each
+searched, retrained and measured by the same code. Writes bench/results/strategies.json and
+bench/results/strategies.png (BENCHMARKS.md: bench/write_benchmarks.py).
+
+    .venv/bin/python bench/strategies_bench.py                  # both sections
+    .venv/bin/python bench/strategies_bench.py --only latency   # re-measure one section, keep the other
+
+Sections:
+- `accuracy`: on the embedded default model, `caitsearch search --strategy S --budget B` for every
+  strategy and budget with one shared recipe (trials, retraining epochs and images below), into
+  results/bench/<S>-b<B>/. A finished run (summary.json present) is read, not repeated.
+- `latency`: DeiT-Tiny, -Small and -Base at 224 with random weights (latency does not depend on
+  them), batch 32 and 1. At each budget every strategy's uniform schedule predicted closest under
+  it (`SearchSpace.schedule_for`: for tome ToMe's own constant-r schedule) is timed against dense
+  in one interleaved loop per model and batch. Without weights there is no accuracy to search on,
+  so these are the schedules the predictor picks, not searched ones. Models without a committed
+  profile (DeiT-Base) are profiled here with `--quick` resolution first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from caitsearch import CompressionConfig, ModelSpec, compress, create_model, materialize
+from caitsearch.io import atomic_write_text
+from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
+from caitsearch.space import STRATEGIES, SearchSpace
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BUDGETS = (0.7, 0.6, 0.5)
+LATENCY_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
+# one retraining recipe for every strategy (shorter than README's main job, which retrains 3 epochs on all images)
+RECIPE = ["--trials", "24", "--epochs", "1", "--train-limit", "30000", "--remeasure", "2", "--repeats", "10"]
+
+
+def accuracy_runs(budgets, strategies) -> list[dict]:
+    rows = []
+    for budget in budgets:
+        for strategy in strategies:
+            out = ROOT / "results" / "bench" / f"{strategy}-b{budget:g}"
+            summary_path = out / "summary.json"
+            if not summary_path.exists():
+                start = time.perf_counter()
+                cmd = [sys.executable, "-m", "caitsearch", "search", "--strategy", strategy, "--budget", str(budget),
+                       *RECIPE, "--out", str(out), "--no-progress", "--json"]
+                print(f"== {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+                run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if run.returncode != 0:
+                    print(f"   failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}",
+                          file=sys.stderr)
+                    continue
+                print(f"   {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            s = json.loads(summary_path.read_text())
+            dense = s["dense"]
+            best = next((c for c in s["candidates"] if c.get("retrained")), None)
+            rows.append({
+                "strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)),
+                "dense_accuracy": dense["accuracy"], "dense_ms": dense["latency_ms"],
+                "accuracy": best["accuracy"] if best else None,
+                "latency_ms": best["latency_ms"] if best else None,
+                "latency_ratio": best["latency_ms"] / dense["latency_ms"] if best else None,
+                "speedup": best["speedup"] if best else None,
+                "delta_points": 100 * (best["accuracy"] - dense["accuracy"]) if best else None,
+                "config": best["config"] if best else None,
+            })
+    return rows
+
+
+def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool) -> tuple[dict, float]:
+    from caitsearch.search.pipeline import find_profile
+
+    prof = find_profile(spec, progress=progress, quick=True)  # quick only where none exists yet
+    configs = {}
+    for budget in budgets:
+        for strategy in strategies:
+            space = SearchSpace.for_strategy(spec, strategy)
+            cfg = space.schedule_for(prof.predict, budget * prof.dense_ms)
+            configs[(strategy, budget)] = (cfg, float(prof.predict(cfg)) / prof.dense_ms)
+    return configs, prof.dense_ms
+
+
+def latency_runs(models, budgets, strategies, batches, repeats: int) -> list[dict]:
+    rows = []
+    for name in models:
+        dense = create_model(name).eval()
+        spec = ModelSpec.from_model(dense)
+        configs, _ = chosen_configs(spec, budgets, strategies, progress=True)
+        dense_macs = CompressionConfig.dense(spec).macs(spec)["total"]
+        models_ = {"dense": dense}
+        for key, (cfg, _) in configs.items():
+            models_[key] = materialize(compress(dense, cfg)).eval()
+        for batch in batches:
+            x = torch.randn(batch, spec.in_chans, *spec.img_size)
+            print(f"== {name} batch {batch}: {len(models_)} models", file=sys.stderr, flush=True)
+            with torch.inference_mode():
+                timings = measure_interleaved({str(k): (lambda m=m: m(x)) for k, m in models_.items()},
+                                              repeats=repeats, warmup=2)
+            base = timings["dense"].median
+            for (strategy, budget), (cfg, predicted_ratio) in configs.items():
+                t = timings[str((strategy, budget))]
+                mac_ratio = cfg.macs(spec)["total"] / dense_macs
+                speedup = base / t.median
+                rows.append({"model": name, "batch": batch, "strategy": strategy, "budget": budget,
+                             "dense_ms": base, "median_ms": t.median, "spread": t.spread, "speedup": speedup,
+                             "predicted_ratio": predicted_ratio, "mac_ratio": mac_ratio,
+                             "realised": speedup * mac_ratio,  # as in core_bench: 1.0 = all of the MAC cut
+                             "config": cfg.to_dict()})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"cait": "o", "atme": "s", "cdcp": "^", "tome": "x"}
+    for strategy in STRATEGIES:
+        pts = sorted((r["latency_ratio"], 100 * r["accuracy"], r["budget"]) for r in rows
+                     if r["strategy"] == strategy and r["accuracy"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[strategy], label=strategy)
+    dense = [100 * r["dense_accuracy"] for r in rows]
+    if dense:
+        ax.axhline(dense[0], color="grey", ls="--", lw=1, label=f"dense {dense[0]:.2f}%")
+    for b in sorted({r["budget"] for r in rows}):
+        ax.axvline(b, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("measured latency / dense (same run)")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    ax.set_title("Best retrained candidate per strategy and budget (one recipe)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("accuracy", "latency"), help="Run one section; keep the other's results.")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    ap.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    ap.add_argument("--batches", nargs="+", type=int, default=[32, 1])
+    ap.add_argument("--repeats", type=int, default=5, help="Interleaved timing rounds in the latency section.")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    steady_allocator()
+    path = RESULTS / "strategies.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["meta"] = {"threads": args.threads, "torch": torch.__version__, "recipe": RECIPE,
+                      "command": " ".join(["bench/strategies_bench.py", *sys.argv[1:]])}
+    if args.only in (None, "accuracy"):
+        result["accuracy"] = accuracy_runs(args.budgets, args.strategies)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        plot(result["accuracy"], RESULTS / "strategies.png")
+    if args.only in (None, "latency"):
+        result["latency"] = latency_runs(args.models, args.budgets, args.strategies, args.batches, args.repeats)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    from write_benchmarks import strategies_section
+
+    print("\n".join(strategies_section(result)))
+
+
+if __name__ == "__main__":
+    main()
