@@ -72,3 +72,18 @@ def test_export_cli_writes_checked_onnx(tiny_config, tmp_path):
 def test_help_teaches():
     proc = run("bench", "--help")
     assert proc.returncode == 0 and "--batch-size" in proc.stdout and "Examples" in proc.stdout
+
+
+def test_strategies_on_bench(tmp_path, tiny_config):
+    model, _, _ = tiny_config
+    assert_one_line_error(run("bench", "--strategy", "pruneall", "--budget", "0.6"), "unknown strategy 'pruneall'")
+    path = tmp_path / "cait.json"
+    CompressionConfig.uniform(model, keep_rate=0.5, merge_every=4).save(path)
+    assert_one_line_error(run("bench", "--strategy", "tome", "--config", str(path)), "not a tome config")
+    assert_one_line_error(run("bench", "--config", str(path), "--budget", "0.6"), "not both")
+    # the default model's ToMe schedule predicted under 0.6x dense: the same r in every block, no pruning
+    proc = run("bench", "--strategy", "tome", "--budget", "0.6", "--batch-size", "2", "--repeats", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    blocks = json.loads(proc.stdout)["config"]["blocks"]
+    assert {b["merge_axis"] for b in blocks} <= {"tokens", "none"} and blocks[0]["merge_axis"] == "tokens"
+    assert len({b["keep_mlp"] for b in blocks}) == 1

@@ -116,6 +116,40 @@ def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpo
     assert (best / "result.json").stat().st_mtime_ns == stamp
 
 
+def test_tome_strategy_is_searched_and_retrained_the_same_way(tmp_path, quick_profile, dense_checkpoint):
+    run = tmp_path / "run"
+    res = run_cli("search", "--strategy", "tome", "--budget", "0.8", "--profile", quick_profile, "--checkpoint",
+                  dense_checkpoint, "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["strategy"] == "tome" and summary["candidates"][0]["retrained"]
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    for c in summary["candidates"]:
+        blocks = CompressionConfig.from_dict(c["config"]).blocks
+        assert {b.merge_axis for b in blocks} <= {"tokens", "none"}
+        assert all((b.keep_qk, b.keep_v, b.keep_mlp) == (spec.head_dim, spec.head_dim, spec.mlp_hidden) for b in blocks)
+
+
+def test_foreign_default_profile_gives_this_machine_its_own(tmp_path, quick_profile, monkeypatch):
+    import shutil
+
+    from caitsearch.profile import default_profile_path
+    from caitsearch.search.pipeline import find_profile
+
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    monkeypatch.chdir(tmp_path)
+    committed = default_profile_path(spec.name, spec.img_size)
+    shutil.copytree(quick_profile, committed)
+    manifest = json.loads((committed / "manifest.json").read_text())
+    manifest["fingerprint"]["cpu"] = "Some Other CPU"
+    (committed / "manifest.json").write_text(json.dumps(manifest))
+    prof = find_profile(spec, progress=False, quick=True)
+    assert prof.path.parent == committed.parent and prof.path.name.startswith(committed.name + "-")
+    assert json.loads((prof.path / "manifest.json").read_text())["complete"]
+    assert json.loads((committed / "manifest.json").read_text())["fingerprint"]["cpu"] == "Some Other CPU"
+    assert find_profile(spec, progress=False).path == prof.path  # found again, not rebuilt
+
+
 def test_search_pipeline_on_image_folder(tmp_path, quick_profile):
     from PIL import Image
 

@@ -298,18 +298,21 @@ def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optio
         return _loaded(Path(profile), spec, allow_foreign)
     path = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
     if (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        here = fingerprint("torch-cpu", manifest.get("threads"))
         if allow_foreign:
             return _loaded(path, spec, allow_foreign)
+        manifest = read_manifest(path)
+        here = fingerprint("torch-cpu", manifest.get("threads"))
         if differences(manifest.get("fingerprint", {}), here):
             tag = hashlib.sha1(json.dumps(here, sort_keys=True).encode()).hexdigest()[:8]
             _log(f"{path} was measured on another machine; using this machine's own profile {path.name}-{tag}")
             path = path.with_name(f"{path.name}-{tag}")
-        else:  # ours: built with these settings, so the same build tops up rows a newer plan added
-            threads, quick = manifest.get("threads"), bool(manifest.get("quick"))
-    if not (path / MANIFEST).is_file() or not read_manifest(path).get("complete"):  # an unfinished one resumes
-        _log(f"no finished latency profile for {spec.name} at {path}; profiling this machine first")
+    if (path / MANIFEST).is_file():  # ours: the same build resumes it or tops up rows a newer plan added
+        manifest = read_manifest(path)
+        threads, quick = manifest.get("threads"), bool(manifest.get("quick"))
+        if not manifest.get("complete"):
+            _log(f"resuming the unfinished latency profile {path}")
+    else:
+        _log(f"no latency profile for {spec.name} at {path}; profiling this machine first")
     build_profile(spec.name, img_size=spec.img_size, backend="torch-cpu", batch_size=32, dtype="fp32",
                   threads=threads, out=path, progress=progress, quick=quick)  # a no-op when nothing is missing
     return _loaded(path, spec, allow_foreign)
