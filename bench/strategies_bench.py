@@ -73,10 +73,15 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
     return rows
 
 
-def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool) -> tuple[dict, float]:
+def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool, profile=None) -> tuple[dict, float]:
+    from caitsearch.profile import LatencyProfile
     from caitsearch.search.pipeline import find_profile
 
-    prof = find_profile(spec, progress=progress, quick=True)  # quick only where none exists yet
+    if profile is not None:  # e.g. a GPU profile of the same machine kind
+        prof = LatencyProfile.load(profile, allow_foreign=True)
+        prof.check_model(spec)
+    else:
+        prof = find_profile(spec, progress=progress, quick=True)  # quick only where none exists yet
     configs = {}
     for budget in budgets:
         for strategy in strategies:
@@ -86,28 +91,31 @@ def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool) -> tupl
     return configs, prof.dense_ms
 
 
-def latency_runs(models, budgets, strategies, batches, repeats: int) -> list[dict]:
+def latency_runs(models, budgets, strategies, batches, repeats: int, device: str = "cpu", dtype: str = "fp32",
+                 profile=None) -> list[dict]:
+    dev, dt = torch.device(device), {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     rows = []
     for name in models:
         dense = create_model(name).eval()
         spec = ModelSpec.from_model(dense)
-        configs, _ = chosen_configs(spec, budgets, strategies, progress=True)
+        configs, _ = chosen_configs(spec, budgets, strategies, progress=True, profile=profile)
         dense_macs = CompressionConfig.dense(spec).macs(spec)["total"]
         models_ = {"dense": dense}
         for key, (cfg, _) in configs.items():
-            models_[key] = materialize(compress(dense, cfg)).eval()
+            models_[key] = materialize(compress(dense, cfg)).eval().to(dev, dt)
+        dense.to(dev, dt)
         for batch in batches:
-            x = torch.randn(batch, spec.in_chans, *spec.img_size)
+            x = torch.randn(batch, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
             print(f"== {name} batch {batch}: {len(models_)} models", file=sys.stderr, flush=True)
             with torch.inference_mode():
                 timings = measure_interleaved({str(k): (lambda m=m: m(x)) for k, m in models_.items()},
-                                              repeats=repeats, warmup=2)
+                                              repeats=repeats, warmup=2, device=dev)
             base = timings["dense"].median
             for (strategy, budget), (cfg, predicted_ratio) in configs.items():
                 t = timings[str((strategy, budget))]
                 mac_ratio = cfg.macs(spec)["total"] / dense_macs
                 speedup = base / t.median
-                rows.append({"model": name, "batch": batch, "strategy": strategy, "budget": budget,
+                rows.append({"model": name, "device": device, "dtype": dtype, "batch": batch, "strategy": strategy, "budget": budget,
                              "dense_ms": base, "median_ms": t.median, "spread": t.spread, "speedup": speedup,
                              "predicted_ratio": predicted_ratio, "mac_ratio": mac_ratio,
                              "realised": speedup * mac_ratio,  # as in core_bench: 1.0 = all of the MAC cut
@@ -151,10 +159,14 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 1])
     ap.add_argument("--repeats", type=int, default=5, help="Interleaved timing rounds in the latency section.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (latency section)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    ap.add_argument("--profile", type=Path, help="Latency profile folder that picks the schedules (one model only).")
+    ap.add_argument("--out", type=Path, default=RESULTS / "strategies.json")
     args = ap.parse_args()
     set_threads(args.threads)
     steady_allocator()
-    path = RESULTS / "strategies.json"
+    path = args.out
     result = json.loads(path.read_text()) if path.exists() else {}
     result["meta"] = {"threads": args.threads, "torch": torch.__version__, "recipe": RECIPE,
                       "command": " ".join(["bench/strategies_bench.py", *sys.argv[1:]])}
@@ -163,7 +175,8 @@ def main() -> None:
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot(result["accuracy"], RESULTS / "strategies.png")
     if args.only in (None, "latency"):
-        result["latency"] = latency_runs(args.models, args.budgets, args.strategies, args.batches, args.repeats)
+        result["latency"] = latency_runs(args.models, args.budgets, args.strategies, args.batches, args.repeats,
+                                         args.device, args.dtype, args.profile)
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     from write_benchmarks import strategies_section
 
