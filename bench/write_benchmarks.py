@@ -207,6 +207,21 @@ def gpu_section(folders: list[Path]) -> list[str]:
                      f"during validation {v['dense_reference_ms']:.2f} ms; drift factor {v['drift_factor_range'][0]:.2f}-"
                      f"{v['drift_factor_range'][1]:.2f} between profiling and validation)")
         out.append(line + ".")
+    for path in sorted((ROOT / "bench" / "results" / "gpu").glob("strategies_*.json")):
+        rows = json.loads(path.read_text())["latency"]
+        dense = {r["batch"]: r["dense_ms"] for r in rows}
+        picked = sorted({round(r["predicted_ratio"], 2) for r in rows})
+        macs = sorted({round(r["mac_ratio"], 3) for r in rows})
+        out.append(f"- `bench/strategies_bench.py --only latency --device cuda --dtype fp16 --profile <quick cuda profile>` "
+                   f"on {rows[0]['model']} ([{path.name}](bench/results/gpu/{path.name})): dense "
+                   + ", ".join(f"{v:.2f} ms at batch {b}" for b, v in sorted(dense.items()))
+                   + f"; the profile predicted no schedule of any strategy near the budgets (predicted ratios of the picks: "
+                   f"{', '.join(f'{p:.2f}' for p in picked)}; MAC ratios {', '.join(f'{m:.3f}' for m in macs)}), and the "
+                   f"measured speedups of the picks range {min(r['speedup'] for r in rows):.2f}x-"
+                   f"{max(r['speedup'] for r in rows):.2f}x"
+                   + ("; every pick is the dense config, so that spread is the measurement's noise." if macs == [1.0] else
+                      f"; the picks at {macs[0]:.3f}x MACs ran " + ", ".join(
+                          f"{r['speedup']:.2f}x" for r in rows if round(r['mac_ratio'], 3) == macs[0]) + "."))
     return out + ["", "The CPU goals (90% within ±10%, 70% within ±5%, Spearman 0.95) are not met on this GPU. Not "
                   "investigated yet (the session's 30 GPU minutes went to these runs and the dense training); "
                   "suspects: the whole fp16 DeiT-Small forward at batch 32 takes about 6 ms, so per-part timings "
