@@ -76,6 +76,7 @@ def profile_section(folders: list[Path]) -> list[str]:
            "The absolute columns compare raw milliseconds; the goal check uses the relative ones.",
            "", "| profile | rows | build min | MAPE | within ±5% | within ±10% | Spearman | worst | absolute ±5% / ±10% / Spearman | drift | goals |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    extra: list[str] = []
     for folder in folders:
         manifest = json.loads((folder / "manifest.json").read_text())
         val_path = folder / "validation.json"
@@ -83,6 +84,11 @@ def profile_section(folders: list[Path]) -> list[str]:
         if not val_path.exists():
             out.append(f"| {folder.name} | {manifest['rows']} | {minutes:.1f} | not validated | | | | | |")
             continue
+        for strategy_val in sorted(folder.glob("validation-*.json")):
+            w = json.loads(strategy_val.read_text())
+            extra.append(f"- `{folder.name}`, {w['configs']} random `{w['strategy']}` configs "
+                         f"(`caitsearch profile validate ... --strategy {w['strategy']}`): MAPE {w['mape_pct']:.1f}%, "
+                         f"{w['within_5pct']:.0%} within ±5%, {w['within_10pct']:.0%} within ±10%, Spearman {w['spearman']:.3f}.")
         v = json.loads(val_path.read_text())
         a = v["absolute"]
         ok = v["within_10pct"] >= 0.9 and v["within_5pct"] >= 0.7 and v["spearman"] >= 0.95
@@ -94,6 +100,8 @@ def profile_section(folders: list[Path]) -> list[str]:
                    f"{v['drift_factor_range'][0]:.2f}-{v['drift_factor_range'][1]:.2f} | {check(ok)} |")
     cpu = {(lambda fp: fp.get("gpu") or fp.get("cpu", "?"))(json.loads((f / "manifest.json").read_text())["fingerprint"])
            for f in folders}
+    if extra:
+        out += ["", "The same predictor on configs of other strategies (ToMe's merge is profiled in every table):", ""] + extra
     out += ["", f"Device: {', '.join(sorted(cpu))}. Each profile folder holds its manifest (fingerprint, versions, "
             "threads, batch, dtype, date), the table (Parquet and CSV) and the validation plot.", ""]
     return out

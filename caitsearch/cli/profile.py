@@ -71,6 +71,8 @@ def validate(
     seed: Annotated[int, typer.Option("--seed", min=1, help="Seed of the random configs (0 is the one the correction was fitted on).")] = 1,
     allow_foreign: AllowForeignOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where validation.json and validation.png go (default: the profile directory).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(
+        "--strategy", help="Draw the configs from this strategy's space (cait, atme, cdcp, tome); writes validation-<strategy>.*")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure random configs end to end and score the profile's latency predictions.
@@ -81,11 +83,13 @@ def validate(
     Example:
 
       caitsearch profile validate hw_profiles/deit_fmnist_patch4_32_32x32_torch-cpu_b32_fp32 --configs 50
+
+      caitsearch profile validate hw_profiles/deit_small_patch16_224_224x224_torch-cpu_b32_fp32 --strategy tome
     """
     from ..profile import validate_profile
 
     result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,
-                              out=out_dir, progress=not as_json)
+                              out=out_dir, progress=not as_json, strategy=strategy)
     if as_json:
         emit_json(result)
         return

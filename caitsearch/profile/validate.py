@@ -69,9 +69,12 @@ def validate_profile(
     allow_foreign: bool = False,
     out: Optional[Union[str, Path]] = None,
     progress: bool = True,
+    strategy: Optional[str] = None,
 ) -> dict:
     """Measure `configs` random configs end to end and score the profile's predictions; writes
-    `validation.json` and `validation.png` into `out` (default: the profile directory)."""
+    `validation.json` and `validation.png` into `out` (default: the profile directory). With a
+    `strategy`, the configs come from that strategy's space (`validation-<strategy>.*`), e.g. to
+    check the ToMe predictions the equal-latency comparisons rest on."""
     if configs < 2:
         raise CaitsearchError("validation needs at least 2 configs.")
     prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
@@ -81,6 +84,9 @@ def validate_profile(
     model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
     prof.check_model(model)
     space = SearchSpace(prof.spec, **m["space"])
+    if strategy is not None:
+        grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
+        space = SearchSpace.for_strategy(prof.spec, strategy, **grid)
     res = QUICK if m.get("quick") else FULL
     be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
     rng = random.Random(seed)
@@ -119,12 +125,14 @@ def validate_profile(
     per_config = [{"predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
                    "drift_corrected_ms": c_ms, "p90_ms": r["p90_ms"], "spread": r["spread"], "config": c.to_dict()}
                   for p, r, c_ms, c in zip(predicted, rows, corrected, cfgs)]
-    result["plot"] = str(target / "validation.png")
-    atomic_write_text(target / "validation.json", json.dumps({**result, "configs_detail": per_config}, indent=1) + "\n")
+    name = "validation" if strategy is None else f"validation-{strategy}"
+    result["strategy"] = strategy
+    result["plot"] = str(target / f"{name}.png")
+    atomic_write_text(target / f"{name}.json", json.dumps({**result, "configs_detail": per_config}, indent=1) + "\n")
     a = result["absolute"]
-    title = (f"{m['model']} {m['backend']} b{m['batch_size']} {m['dtype']}\n"
+    title = (f"{m['model']} {m['backend']} b{m['batch_size']} {m['dtype']}{'' if strategy is None else ' ' + strategy}\n"
              f"vs dense in the same run: MAPE {result['mape_pct']:.1f}%, ±5% {result['within_5pct']:.0%}, "
              f"±10% {result['within_10pct']:.0%}, ρ {result['spearman']:.3f}\n"
              f"absolute ms: MAPE {a['mape_pct']:.1f}%, ±5% {a['within_5pct']:.0%}, ±10% {a['within_10pct']:.0%}")
-    scatter_plot(target / "validation.png", predicted, corrected, title)
+    scatter_plot(target / f"{name}.png", predicted, corrected, title)
     return result
