@@ -1,6 +1,7 @@
 """Latency profiles: build, reload, predict, resume after SIGKILL, refuse foreign or damaged tables."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -218,3 +219,31 @@ def test_profile_command_reports_a_finished_profile_without_remeasuring(profile_
     assert summary["rows"] == json.loads((profile_dir / "manifest.json").read_text())["rows"]
     assert summary["dense_ms"] > 0 and summary["threads"] == 1
     assert (profile_dir / "table.parquet").stat().st_mtime_ns == before
+
+
+def test_profile_covers_tome_and_validates_its_configs(profile_dir, tmp_path):
+    prof = LatencyProfile.load(profile_dir)
+    merges = prof.table[prof.table.kind == "merge"]
+    assert {"cols", "rows", "tokens"} <= set(merges.axis)
+    result = validate_profile(profile_dir, configs=2, out=tmp_path, progress=False, strategy="tome")
+    assert result["strategy"] == "tome" and (tmp_path / "validation-tome.png").exists()
+    detail = json.loads((tmp_path / "validation-tome.json").read_text())["configs_detail"]
+    assert all({b["merge_axis"] for b in d["config"]["blocks"]} <= {"none", "tokens"} for d in detail)
+
+
+def test_finished_profile_is_topped_up_with_rows_a_newer_plan_adds(profile_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(profile_dir, old)
+    table = pd.read_parquet(old / "table.parquet")
+    table = table[table.axis != "tokens"].reset_index(drop=True)  # as built before ToMe merges were profiled
+    table.to_parquet(old / "table.parquet", index=False)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.update(rows=len(table), table_sha256=hashlib.sha256((old / "table.parquet").read_bytes()).hexdigest())
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CaitsearchError, match="predates ToMe merge rows"):
+        LatencyProfile.load(old).predict(CompressionConfig.tome(LatencyProfile.load(old).spec, 4))
+    kept = set(table.key)
+    build_profile(DEFAULT_MODEL, batch_size=16, threads=1, quick=True, out=old, progress=False)
+    topped = pd.read_parquet(old / "table.parquet")
+    assert kept < set(topped.key) and set(topped.key) == set(pd.read_parquet(profile_dir / "table.parquet").key)
+    assert LatencyProfile.load(old).predict(CompressionConfig.tome(LatencyProfile.load(old).spec, 4)) > 0
