@@ -164,3 +164,18 @@ def test_committed_default_weights_load_automatically_and_classify_fashion_mnist
     torch.testing.assert_close(dense.state_dict(), load_state(path))
     splits = load_dataset("fashion-mnist", ModelSpec.from_model(dense), test_limit=500)
     assert evaluate(dense, splits.test) > 0.7  # README: 75.7% on all 10k; chance is 10%
+
+
+@needs_fmnist
+def test_train_strategy_budget_retrains_that_strategys_schedule(tmp_path):
+    out = tmp_path / "cdcp"
+    res = run_cli("train", "--strategy", "cdcp", "--budget", "0.6", "--epochs", "1", "--train-limit", "256",
+                  "--test-limit", "128", "--threads", "1", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = CompressionConfig.load(out / "config.json")
+    assert all(b.merge_axis == "none" for b in config.blocks)  # cdcp prunes, never merges
+    assert any(b.keep_mlp < 512 for b in config.blocks)
+    state = load_state(out / "model.safetensors")
+    model = load_materialized(create_model(DEFAULT_MODEL), config, state)
+    assert model.vit.blocks[0].mlp.fc1.out_features == config.blocks[0].keep_mlp
+    assert 0 <= json.loads(res.stdout)["accuracy"] <= 1
