@@ -52,9 +52,11 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
                        *RECIPE, "--out", str(out), "--no-progress", "--json"]
                 print(f"== {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
                 run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                if run.returncode != 0:
-                    print(f"   failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}",
-                          file=sys.stderr)
+                if run.returncode != 0:  # e.g. no trial predicted within budget: a result, recorded as such
+                    error = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
+                    print(f"   failed: {error}", file=sys.stderr)
+                    rows.append({"strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)),
+                                 "accuracy": None, "error": error.removeprefix("error: ")})
                     continue
                 print(f"   {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             s = json.loads(summary_path.read_text())

@@ -131,6 +131,7 @@ def strategies_section(result: dict) -> list[str]:
     """Strategy comparison: accuracy at equal measured latency, and latency on DeiT-T/S/B."""
     out = ["## Strategies side by side: cait vs atme, cdcp and ToMe", ""]
     acc = [r for r in result.get("accuracy", []) if r["accuracy"] is not None]
+    failed = [r for r in result.get("accuracy", []) if r["accuracy"] is None]
     if acc:
         recipe = " ".join(result["meta"]["recipe"])
         out += [f"`.venv/bin/python bench/strategies_bench.py --only accuracy`: `caitsearch search --strategy S --budget B "
@@ -148,6 +149,7 @@ def strategies_section(result: dict) -> list[str]:
                 if r:
                     rows.append([f"{b:g}", s, f"{r['accuracy']:.2%}", f"{r['delta_points']:+.2f}",
                                  f"{r['latency_ratio']:.2f}x", f"{r['speedup']:.2f}x"])
+        rows += [[f"{r['budget']:g}", r["strategy"], "none", "", "", r.get("error", "")] for r in failed]
         out += md_table(["budget", "strategy", "test accuracy", "vs dense (points)", "latency vs dense", "speedup"], rows)
         dense = acc[0]["dense_accuracy"]
         out += ["", f"Dense: {dense:.2%}.", ""]
