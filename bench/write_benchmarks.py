@@ -201,7 +201,17 @@ def segmentation_section(seg: dict) -> list[str]:
                     [[r["label"], f"{r['mac_ratio']:.3f}", f"{r['median_ms']:.1f}", f"{r['speedup']:.2f}x",
                       f"{100 * r['miou']:.2f}%", f"{r['miou_delta_points']:+.2f}",
                       "" if r["meets_goal"] is None else check(r["meets_goal"])] for r in seg["rows"]])
-    return out + ["", "Goal: at least 1.3x faster than dense with mIoU at most 1 point lower.", ""]
+    schedules = []
+    for r in seg["rows"]:
+        cfg = Path(r["path"]) / "config.json" if r.get("path") else None
+        if cfg and cfg.is_file():
+            blocks = json.loads(cfg.read_text())["blocks"]
+            merges = [f"{b['merge_axis']} {b['merge_count']}" for b in blocks if b["merge_axis"] != "none"]
+            widths = sorted({(b["keep_qk"], b["keep_v"], b["keep_mlp"]) for b in blocks})
+            schedules.append(f"- {r['label']}: merges {', '.join(merges) or 'none'}; widths (qk, v, mlp) "
+                             + ", ".join(str(w) for w in widths))
+    return out + ["", "Goal: at least 1.3x faster than dense with mIoU at most 1 point lower. The backbones' schedules:",
+                  ""] + schedules + [""]
 
 
 def gpu_section(folders: list[Path]) -> list[str]:
