@@ -107,7 +107,7 @@ def profile_section(folders: list[Path]) -> list[str]:
     return out
 
 
-def search_section(summary: dict, folder: str) -> list[str]:
+def search_section(summary: dict, folder: str, command: list[str]) -> list[str]:
     d = summary["dense"]
     rows = [["dense", f"{d['accuracy']:.2%}", f"{d['latency_ms']:.1f}", "1.00x", ""]]
     rows += [[f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.1f}", f"{c['speedup']:.2f}x",
@@ -120,8 +120,12 @@ def search_section(summary: dict, folder: str) -> list[str]:
                 f"(goal: within the budget and within 0.5 points of dense, {check(ok)}).")
     else:
         head = "No candidate within budget."
-    return [f"## Search on the embedded default: budget {summary['budget']['ratio']:g}x dense", "",
-            f"README's main job, `bash scripts/setup.sh && .venv/bin/caitsearch search --budget {summary['budget']['ratio']:g}`, "
+    shown = [a for a in command[1:] if a not in ("--no-progress", "--json")]  # output flags change no result
+    args = " ".join(shown)
+    main_job = shown == ["search", "--budget", f"{summary['budget']['ratio']:g}"]
+    title = f"budget {summary['budget']['ratio']:g}x dense" + ("" if main_job else f" (`{args}`)")
+    return [f"## Search on the embedded default: {title}", "",
+            ("README's main job, " if main_job else "") + f"`bash scripts/setup.sh && .venv/bin/caitsearch {args}`, "
             f"batch {summary['batch_size']} on {summary['device']}; latency measured against dense in the same loop, "
             f"accuracy on the Fashion-MNIST test split. Report: [{folder}/report.md]({folder}/report.md). {head}", ""] + md_table(
         ["model", "test accuracy", "measured ms", "speedup", "retrained"], rows) + [""]
@@ -267,7 +271,8 @@ def main() -> None:
         lines += core_section(json.loads(core.read_text()))
     examples = [p for p in (ROOT / "results").glob("example*/summary.json")]
     for example in sorted(examples, key=lambda p: -json.loads(p.read_text())["budget"]["ratio"]):
-        lines += search_section(json.loads(example.read_text()), f"results/{example.parent.name}")
+        command = json.loads((example.parent / "manifest.json").read_text())["command"]
+        lines += search_section(json.loads(example.read_text()), f"results/{example.parent.name}", command)
     strategies = ROOT / "bench" / "results" / "strategies.json"
     if strategies.exists():
         lines += strategies_section(json.loads(strategies.read_text()))
