@@ -107,7 +107,7 @@ def profile_section(folders: list[Path]) -> list[str]:
     return out
 
 
-def search_section(summary: dict, folder: str, command: list[str]) -> list[str]:
+def search_section(summary: dict, folder: str, command: list[str], epochs: int) -> list[str]:
     d = summary["dense"]
     rows = [["dense", f"{d['accuracy']:.2%}", f"{d['latency_ms']:.1f}", "1.00x", ""]]
     rows += [[f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.1f}", f"{c['speedup']:.2f}x",
@@ -120,10 +120,14 @@ def search_section(summary: dict, folder: str, command: list[str]) -> list[str]:
                 f"(goal: within the budget and within 0.5 points of dense, {check(ok)}).")
     else:
         head = "No candidate within budget."
+    from caitsearch.search.pipeline import SearchRequest
+
     shown = [a for a in command[1:] if a not in ("--no-progress", "--json")]  # output flags change no result
+    if "--epochs" not in shown:  # spell out a default that has changed since, so the command stays true
+        shown += ["--epochs", str(epochs)]
     args = " ".join(shown)
-    main_job = shown == ["search", "--budget", f"{summary['budget']['ratio']:g}"]
-    title = f"budget {summary['budget']['ratio']:g}x dense" + ("" if main_job else f" (`{args}`)")
+    main_job = shown == ["search", "--budget", f"{summary['budget']['ratio']:g}", "--epochs", str(SearchRequest.epochs)]
+    title = f"budget {summary['budget']['ratio']:g}x dense, {epochs} retraining epochs"
     return [f"## Search on the embedded default: {title}", "",
             ("README's main job, " if main_job else "") + f"`bash scripts/setup.sh && .venv/bin/caitsearch {args}`, "
             f"batch {summary['batch_size']} on {summary['device']}; latency measured against dense in the same loop, "
@@ -271,8 +275,9 @@ def main() -> None:
         lines += core_section(json.loads(core.read_text()))
     examples = [p for p in (ROOT / "results").glob("example*/summary.json")]
     for example in sorted(examples, key=lambda p: -json.loads(p.read_text())["budget"]["ratio"]):
-        command = json.loads((example.parent / "manifest.json").read_text())["command"]
-        lines += search_section(json.loads(example.read_text()), f"results/{example.parent.name}", command)
+        manifest = json.loads((example.parent / "manifest.json").read_text())
+        lines += search_section(json.loads(example.read_text()), f"results/{example.parent.name}",
+                                manifest["command"], manifest["request"]["epochs"])
     strategies = ROOT / "bench" / "results" / "strategies.json"
     if strategies.exists():
         lines += strategies_section(json.loads(strategies.read_text()))

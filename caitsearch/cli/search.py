@@ -32,7 +32,7 @@ def search(
         "--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite in --out).")] = None,
     study_name: Annotated[str, typer.Option("--study-name", help="Study name inside the storage.")] = "search",
     retrain_top: Annotated[int, typer.Option("--retrain-top", min=0, help="Retrain this many best candidates with distillation.")] = 1,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Retraining epochs (and dense training epochs without --checkpoint).")] = 3,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Retraining epochs (and dense training epochs without --checkpoint).")] = 6,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training and evaluation batch size.")] = 128,
     calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Training images held out for the proxy and CDCP importance.")] = 1000,
     proxy_size: Annotated[int, typer.Option("--proxy-size", min=1, help="Calibration images each trial is scored on.")] = 512,

@@ -242,7 +242,7 @@ class SearchRequest:
     storage: Optional[str] = None
     study_name: str = "search"
     retrain_top: int = 1
-    epochs: int = 3
+    epochs: int = 6  # retraining epochs: 3 left the 0.6 main job 0.89 points below the 90.12% teacher, 6 within 0.34
     batch_size: int = 128
     calib_size: int = 1000
     proxy_size: int = 512
