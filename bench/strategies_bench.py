@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from caitsearch import CompressionConfig, ModelSpec, compress, create_model, materialize
+from caitsearch.cli.common import resolve_device, resolve_dtype
 from caitsearch.io import atomic_write_text
 from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
 from caitsearch.space import STRATEGIES, SearchSpace
@@ -95,7 +96,7 @@ def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool, profile
 
 def latency_runs(models, budgets, strategies, batches, repeats: int, device: str = "cpu", dtype: str = "fp32",
                  profile=None) -> list[dict]:
-    dev, dt = torch.device(device), {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     rows = []
     for name in models:
         dense = create_model(name).eval()

@@ -55,8 +55,8 @@ class BlockShape:
 
 
 def lines_along(axis: str, h: int, w: int) -> int:
-    """What a merge along `axis` removes from: columns, rows, or (ToMe) patch tokens."""
-    return {"cols": w, "rows": h, "tokens": h * w}[axis]
+    """What a merge along `axis` removes from: columns, rows, or (ToMe) patch tokens; none: 0."""
+    return {"none": 0, "cols": w, "rows": h, "tokens": h * w}[axis]
 
 
 def after_merge(axis: str, count: int, h: int, w: int) -> tuple[int, int]:

@@ -107,8 +107,8 @@ class SearchSpace:
         blocks = []
         for i in range(s.depth):
             axis = str(params.get(f"b{i}_axis", "none"))
-            lines = lines_along(axis, h, w) if axis != "none" else 0
-            count = int(float(params.get(f"b{i}_merge", 0.0)) * lines) if axis != "none" else 0
+            lines = lines_along(axis, h, w)
+            count = int(float(params.get(f"b{i}_merge", 0.0)) * lines)
             count = min(count, self.max_merge(lines))
             if count == 0:
                 axis = "none"
@@ -141,9 +141,9 @@ class SearchSpace:
         params = {}
         for i, b in enumerate(config.blocks):
             if len(self.axes) > 1:
-                lines = lines_along(b.merge_axis, h, w) if b.merge_axis != "none" else 1
                 params[f"b{i}_axis"] = b.merge_axis
                 # the middle of the interval that floors to this count
+                lines = lines_along(b.merge_axis, h, w)
                 params[f"b{i}_merge"] = min(0.5, (b.merge_count + 0.5) / lines) if b.merge_count else 0.0
                 h, w = after_merge(b.merge_axis, b.merge_count, h, w)
             if self.prune:

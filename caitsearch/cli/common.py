@@ -75,6 +75,7 @@ def strategy_config(dense: torch.nn.Module, strategy: str, budget: Optional[floa
     if config is not None:
         if budget is not None:
             raise CaitsearchError("give --config or --budget, not both: --budget picks a config itself.")
+        config.validate(spec)
         problem = space.refuses(config)
         if problem:
             raise CaitsearchError(f"the config is not a {strategy} config: {problem}.")
@@ -101,15 +102,11 @@ def load_models(
     profile: Optional[Path] = None,
 ) -> tuple[torch.nn.Module, CompressionConfig, CaitViT]:
     """The dense timm model, the config (dense if none given), and the materialised compressed
-    model (without a config: the compressed code path with nothing compressed). A compressed checkpoint fills the compressed model; a dense one
-    fills the dense model, from which the compressed one is derived."""
+    model (without a config: the compressed code path with nothing compressed). A compressed
+    checkpoint fills the compressed model; a dense one fills the dense model, from which the
+    compressed one is derived. `strategy`/`budget`: see `strategy_config`."""
     config = load_config(config_path)
-    if budget is not None and config is not None:
-        raise CaitsearchError("give --config or --budget, not both: --budget picks a config itself.")
     name = model or (config.model if config else DEFAULT_MODEL)
-    if budget is not None:  # the strategy's schedule needs the model first
-        probe = create_model(name, img_size=img_size, num_classes=num_classes)
-        config = strategy_config(probe, strategy or "cait", budget, None, profile)
     size = img_size or (tuple(config.img_size) if config else None)
     state = load_state(checkpoint) if checkpoint else None
     compressed_state = state is not None and is_compressed_state(state)
@@ -123,14 +120,14 @@ def load_models(
         load_checkpoint(dense, checkpoint)
     elif state is None and not pretrained:
         _load_default_weights(dense, name)
+    if strategy is not None or budget is not None:  # checked against, or picked from, the strategy's space
+        config = strategy_config(dense, strategy or "cait", budget, config, profile)
     if config is None:
         if compressed_state:
             raise CaitsearchError(f"checkpoint {checkpoint} holds a compressed model; pass its --config too.")
         config = CompressionConfig.dense(dense)  # the compressed code path with nothing compressed
         return dense, config, compress(dense, config).eval()
     config.validate(dense)
-    if strategy is not None:
-        strategy_config(dense, strategy, None, config)  # refuses a config outside the strategy's space
     if compressed_state:
         return dense, config, load_materialized(dense, config, state).eval()
     return dense, config, materialize(compress(dense, config)).eval()

@@ -21,10 +21,7 @@ def merge_matrix(sizes: torch.Tensor, target: torch.Tensor, n_out: int) -> tuple
     return matrix.scatter_(1, target[:, None, :], weights[:, None, :]), new_sizes
 
 
-
 def proportional_bias(sizes: torch.Tensor, prefix: int, dtype: torch.dtype) -> torch.Tensor:
     """`log(size)` of every key as a `(B, 1, 1, N)` float `attn_mask` for SDPA (prefix tokens: 0),
     which keeps the fused attention kernel."""
     return F.pad(sizes.log(), (prefix, 0)).to(dtype)[:, None, None, :]
-
-

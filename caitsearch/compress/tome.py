@@ -76,7 +76,7 @@ class TokenSet(NamedTuple):
 
     prefix: int
     sizes: torch.Tensor  # (B, n) original patches per token
-    bias: torch.Tensor
+    bias: Optional[torch.Tensor]  # None while no token has merged, as for an unmerged TokenGrid
     source: Optional[torch.Tensor] = None  # (B, H*W) index of the token each original patch is in
 
     h: int = 1
@@ -112,8 +112,8 @@ class TokenSet(NamedTuple):
 
 
 def start_set(x: torch.Tensor, prefix: int, track: bool) -> TokenSet:
-    """The unmerged patch tokens of `x` as a `TokenSet` of size-1 tokens."""
+    """The unmerged patch tokens of `x` as a `TokenSet` of size-1 tokens (no bias: log 1 = 0)."""
     batch, n = x.shape[0], x.shape[1] - prefix
     sizes = x.new_ones(batch, n, dtype=torch.float32)
     source = torch.arange(n, device=x.device).expand(batch, n) if track else None
-    return TokenSet(prefix, sizes, proportional_bias(sizes, prefix, x.dtype), source)
+    return TokenSet(prefix, sizes, None, source)

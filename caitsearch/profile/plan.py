@@ -112,8 +112,9 @@ class Axes:
         self.qk = by_index(space.qk_choices, res.width_points)
         self.v = by_index(space.v_choices, res.width_points)
         self.mlp = by_index(space.mlp_choices, res.mlp_points)
-        # ToMe's step is always profiled beside ATME's, so one profile serves every strategy
-        self.merge_axes = [a for a in space.axes if a != "none"] + (["tokens"] if "tokens" not in space.axes and len(space.axes) > 1 else [])
+        self.merge_axes = [a for a in space.axes if a != "none"]
+        if self.merge_axes and "tokens" not in self.merge_axes:  # one profile serves every strategy
+            self.merge_axes.append("tokens")
 
 
 def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tuple[int, int]:
