@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from caitsearch import CompressionConfig, ModelSpec, compress, create_model, materialize
-from caitsearch.cli.common import resolve_device, resolve_dtype
+from caitsearch.device import resolve_device, resolve_dtype
 from caitsearch.io import atomic_write_text
 from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
 from caitsearch.space import STRATEGIES, SearchSpace
@@ -78,7 +78,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
 
 def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool, profile=None) -> tuple[dict, float]:
     from caitsearch.profile import LatencyProfile
-    from caitsearch.search.pipeline import find_profile
+    from caitsearch.profile import find_profile
 
     if profile is not None:  # e.g. a GPU profile of the same machine kind
         prof = LatencyProfile.load(profile, allow_foreign=True)

@@ -120,13 +120,13 @@ def search_section(summary: dict, folder: str, command: list[str], epochs: int) 
                 f"(goal: within the budget and within 0.5 points of dense, {check(ok)}).")
     else:
         head = "No candidate within budget."
-    from caitsearch.search.pipeline import SearchRequest
+    from caitsearch.search import SearchRequest
 
     shown = [a for a in command[1:] if a not in ("--no-progress", "--json")]  # output flags change no result
     if "--epochs" not in shown:  # spell out a default that has changed since, so the command stays true
         shown += ["--epochs", str(epochs)]
     args = " ".join(shown)
-    main_job = shown == ["search", "--budget", f"{summary['budget']['ratio']:g}", "--epochs", str(SearchRequest.epochs)]
+    main_job = shown == ["search", "--budget", f"{summary['budget']['ratio']:g}", "--epochs", str(SearchRequest.__dataclass_fields__["recipe"].default_factory().epochs)]
     title = f"budget {summary['budget']['ratio']:g}x dense, {epochs} retraining epochs"
     return [f"## Search on the embedded default: {title}", "",
             ("README's main job, " if main_job else "") + f"`bash scripts/setup.sh && .venv/bin/caitsearch {args}`, "

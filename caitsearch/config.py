@@ -14,9 +14,10 @@ after it the tokens are a set, described as a 1 x n strip, and no grid merge may
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Union
 
 from torch import nn
 
@@ -24,8 +25,19 @@ from .errors import ConfigError
 from .io import atomic_write_text
 from .models import ModelSpec
 
-MERGE_AXES = ("none", "cols", "rows", "tokens")
-GRID_AXES = ("cols", "rows")
+
+
+class MergeAxis(StrEnum):
+    """What a block's merge step removes. A `StrEnum`, so configs keep plain strings in JSON."""
+
+    NONE = "none"  # no merge
+    COLS = "cols"  # ATME: grid columns
+    ROWS = "rows"  # ATME: grid rows
+    TOKENS = "tokens"  # ToMe: patch tokens by bipartite matching (the baseline)
+
+
+MERGE_AXES = tuple(MergeAxis)
+GRID_AXES = (MergeAxis.COLS, MergeAxis.ROWS)
 HEAD_MULTIPLE = 8
 MLP_MULTIPLE = 32
 _BLOCK_KEYS = ("merge_axis", "merge_count", "keep_qk", "keep_v", "keep_mlp")
@@ -38,7 +50,7 @@ class BlockConfig:
     keep_qk: int
     keep_v: int
     keep_mlp: int
-    merge_axis: str = "none"
+    merge_axis: MergeAxis = MergeAxis.NONE
     merge_count: int = 0
 
 
@@ -56,16 +68,16 @@ class BlockShape:
 
 def lines_along(axis: str, h: int, w: int) -> int:
     """What a merge along `axis` removes from: columns, rows, or (ToMe) patch tokens; none: 0."""
-    return {"none": 0, "cols": w, "rows": h, "tokens": h * w}[axis]
+    return {MergeAxis.NONE: 0, MergeAxis.COLS: w, MergeAxis.ROWS: h, MergeAxis.TOKENS: h * w}[axis]
 
 
 def after_merge(axis: str, count: int, h: int, w: int) -> tuple[int, int]:
     """The grid left by removing `count` lines along `axis` (a ToMe merge leaves a 1 x n strip)."""
-    if axis == "cols":
+    if axis == MergeAxis.COLS:
         return h, w - count
-    if axis == "rows":
+    if axis == MergeAxis.ROWS:
         return h - count, w
-    if axis == "tokens":
+    if axis == MergeAxis.TOKENS:
         return 1, h * w - count
     return h, w
 
@@ -113,19 +125,16 @@ class CompressionConfig:
         kqk = snap(keep_rate * s.head_dim, s.head_dim, head_multiple)
         kmlp = snap(keep_rate * s.mlp_hidden, s.mlp_hidden, mlp_multiple)
         h, w = s.grid
-        blocks, next_axis = [], "cols"
+        blocks, next_axis = [], MergeAxis.COLS
         for i in range(s.depth):
-            axis, count = "none", 0
+            axis, count = MergeAxis.NONE, 0
             if merge_every > 0 and i >= merge_start and (i - merge_start) % merge_every == 0:
-                lines = w if next_axis == "cols" else h
+                lines = lines_along(next_axis, h, w)
                 count = min(lines // 2, max(1, round(merge_fraction * lines))) if lines > 1 else 0
                 if count:
                     axis = next_axis
-                    if axis == "cols":
-                        w -= count
-                    else:
-                        h -= count
-                    next_axis = "rows" if next_axis == "cols" else "cols"
+                    h, w = after_merge(axis, count, h, w)
+                    next_axis = MergeAxis.ROWS if next_axis == MergeAxis.COLS else MergeAxis.COLS
             blocks.append(BlockConfig(kqk, kqk, kmlp, axis, count))
         return cls(model=s.name, img_size=s.img_size, blocks=blocks)
 
@@ -154,7 +163,7 @@ class CompressionConfig:
         return {
             "model": self.model,
             "img_size": list(self.img_size),
-            "blocks": [{k: asdict(b)[k] for k in _BLOCK_KEYS} for b in self.blocks],
+            "blocks": [{k: _plain(getattr(b, k)) for k in _BLOCK_KEYS} for b in self.blocks],
         }
 
     @classmethod
@@ -198,7 +207,7 @@ class CompressionConfig:
                 raise ConfigError(f"block {i}: {s.name} normalises the attention output, so keep_v must stay {s.head_dim}.")
             if b.keep_mlp < s.mlp_hidden and s.mlp_scale_norm:
                 raise ConfigError(f"block {i}: {s.name} normalises the MLP hidden layer, so keep_mlp must stay {s.mlp_hidden}.")
-            if b.merge_axis == "none":
+            if b.merge_axis == MergeAxis.NONE:
                 continue
             if s.attn_pool:
                 raise ConfigError(f"block {i}: {s.name} pools with attention, which token merging does not support.")
@@ -206,13 +215,13 @@ class CompressionConfig:
                 raise ConfigError(f"block {i}: a {b.merge_axis} merge cannot follow a ToMe merge: the tokens are no longer on a grid.")
             lines = lines_along(b.merge_axis, h, w)
             if b.merge_count > lines // 2:
-                what = {"cols": "columns", "rows": "rows", "tokens": "patch tokens"}[b.merge_axis]
+                what = {MergeAxis.COLS: "columns", MergeAxis.ROWS: "rows", MergeAxis.TOKENS: "patch tokens"}[b.merge_axis]
                 raise ConfigError(
                     f"block {i}: merge_count {b.merge_count} is more than half of the {lines} "
                     f"{what} left at that block (at most {lines // 2})."
                 )
             h, w = after_merge(b.merge_axis, b.merge_count, h, w)
-            flat = flat or b.merge_axis == "tokens"
+            flat = flat or b.merge_axis == MergeAxis.TOKENS
         return s
 
     def shapes(self, model: Union[ModelSpec, nn.Module]) -> list[BlockShape]:
@@ -242,7 +251,8 @@ class CompressionConfig:
         n, blocks = s.grid[0] * s.grid[1], []
         for _ in range(s.depth):
             count = min(r, n // 2)
-            blocks.append(BlockConfig(s.head_dim, s.head_dim, s.mlp_hidden, "tokens" if count else "none", count))
+            blocks.append(BlockConfig(s.head_dim, s.head_dim, s.mlp_hidden, MergeAxis.TOKENS if count else MergeAxis.NONE,
+                                      count))
             n -= count
         return cls(model=s.name, img_size=s.img_size, blocks=blocks)
 
@@ -261,6 +271,10 @@ def block_macs(s: ModelSpec, b: BlockConfig, shape: BlockShape) -> int:
     return qkv + attn + proj + mlp
 
 
+def _plain(v):
+    return str(v) if isinstance(v, MergeAxis) else v
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -274,22 +288,23 @@ def _block_from_dict(i: int, b: dict) -> BlockConfig:
     missing = [k for k in ("keep_qk", "keep_v", "keep_mlp") if k not in b]
     if missing:
         raise ConfigError(f"block {i}: missing {', '.join(missing)}.")
-    axis = b.get("merge_axis", "none")
+    axis = b.get("merge_axis", MergeAxis.NONE)
     count = b.get("merge_count", 0)
-    if axis not in MERGE_AXES:
+    if not isinstance(axis, str) or axis not in MERGE_AXES:
         raise ConfigError(f"block {i}: merge_axis is {axis!r} but must be one of {', '.join(MERGE_AXES)}.")
+    axis = MergeAxis(axis)
     for key in ("merge_count", "keep_qk", "keep_v", "keep_mlp"):
         v = b.get(key, 0)
         if not _is_int(v):
             raise ConfigError(f"block {i}: {key} must be an integer, not {v!r}.")
     if count < 0:
         raise ConfigError(f"block {i}: merge_count must not be negative.")
-    if axis == "none" and count:
+    if axis == MergeAxis.NONE and count:
         raise ConfigError(f"block {i}: merge_count is {count} but merge_axis is 'none'.")
-    if axis != "none" and count == 0:
-        axis = "none"
+    if axis != MergeAxis.NONE and count == 0:
+        axis = MergeAxis.NONE
     return BlockConfig(b["keep_qk"], b["keep_v"], b["keep_mlp"], axis, count)
 
 
-__all__ = ["BlockConfig", "BlockShape", "CompressionConfig", "GRID_AXES", "MERGE_AXES", "after_merge", "block_macs",
+__all__ = ["BlockConfig", "BlockShape", "CompressionConfig", "GRID_AXES", "MERGE_AXES", "MergeAxis", "after_merge", "block_macs",
            "lines_along", "snap"]

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .device import DTYPES
 from .errors import CaitsearchError
 from .io import atomic_write
 
@@ -45,9 +46,10 @@ def check_against_pytorch(model: torch.nn.Module, run: Callable[[torch.Tensor], 
 
 
 def _dtype(dtype: str) -> torch.dtype:
+    """The exportable dtypes: those with a tolerance for the check against PyTorch."""
     if dtype not in TOLERANCE:
         raise CaitsearchError(f"export --dtype must be one of {', '.join(TOLERANCE)}, not '{dtype}'.")
-    return torch.float16 if dtype == "fp16" else torch.float32
+    return DTYPES[dtype]
 
 
 def _result(path: Path, fmt: str, diff: float, batch_size: int, dtype: str, tolerance: float, **extra) -> dict:

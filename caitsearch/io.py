@@ -1,10 +1,14 @@
-"""Atomic file writes: a killed process never leaves a half-written file behind."""
+"""Files written atomically (a killed process never leaves a half-written file behind), strict
+JSON, and the one safetensors writer for model weights."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
+
+import torch
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -30,3 +34,21 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def to_json(data: Any) -> str:
+    """Standard JSON (no NaN or Infinity, which other readers reject); numpy and torch scalars as floats."""
+    return json.dumps(data, indent=1, default=float, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, to_json(data))
+
+
+def save_weights(weights: "torch.nn.Module | Mapping[str, torch.Tensor]", path: Path) -> None:
+    """A module's state dict (or a state dict) as safetensors, on the CPU, written atomically."""
+    from safetensors.torch import save_file
+
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))

@@ -67,7 +67,7 @@ class ModelSpec:
                 f"{type(model).__name__} is not a timm VisionTransformer; caitsearch compresses "
                 "ViT-family models such as deit_tiny_patch16_224 or vit_small_patch16_224."
             )
-        name = _model_name(model)
+        name = model_name(model)
         for i, blk in enumerate(model.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
                 raise CaitsearchError(
@@ -100,9 +100,18 @@ class ModelSpec:
         )
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """The timm name of a model (of the timm model inside a compressed one)."""
+    model = getattr(model, "vit", model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
+
+
+def model_spec(name: str, img_size: Optional[Sequence[int]] = None, num_classes: Optional[int] = None) -> ModelSpec:
+    """The spec of a timm model, built on the meta device (no memory, no initialisation), for
+    deciding shapes, data framing and profiles before the real model is needed."""
+    with torch.device("meta"):
+        return ModelSpec.from_model(create_model(name, img_size=img_size, num_classes=num_classes))
 
 
 def create_model(
@@ -177,7 +186,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
             f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors"
             + (f" (e.g. {(wrong or missing or unexpected)[0]})")
         )
-        raise CaitsearchError(f"checkpoint {path} does not fit model {_model_name(model)}: {what}.")
+        raise CaitsearchError(f"checkpoint {path} does not fit model {model_name(model)}: {what}.")
     model.load_state_dict(state)
 
 

@@ -21,7 +21,8 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .config import GRID_AXES, BlockConfig, CompressionConfig, after_merge, lines_along
+from .config import GRID_AXES, BlockConfig, CompressionConfig, MergeAxis, after_merge, lines_along
+from .errors import CaitsearchError
 from .models import ModelSpec
 
 
@@ -55,8 +56,6 @@ class SearchSpace:
     @classmethod
     def for_strategy(cls, spec: ModelSpec, strategy: str = "cait", **kwargs) -> "SearchSpace":
         if strategy not in STRATEGIES:
-            from .errors import CaitsearchError
-
             raise CaitsearchError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         merge, prune, token_merge = STRATEGIES[strategy]
         return cls(spec, merge=merge, prune=prune, token_merge=token_merge, **kwargs)
@@ -80,8 +79,8 @@ class SearchSpace:
     @property
     def axes(self) -> tuple[str, ...]:
         if not self.merge or self.spec.attn_pool:
-            return ("none",)
-        return ("none", "tokens") if self.token_merge else ("none",) + GRID_AXES
+            return (MergeAxis.NONE,)
+        return (MergeAxis.NONE, MergeAxis.TOKENS) if self.token_merge else (MergeAxis.NONE,) + GRID_AXES
 
     def grids(self) -> list[tuple[int, int]]:
         """Every (h, w) grid a config in this space can reach (ToMe's token sets as 1 x n strips)."""
@@ -106,12 +105,12 @@ class SearchSpace:
         h, w = s.grid
         blocks = []
         for i in range(s.depth):
-            axis = str(params.get(f"b{i}_axis", "none"))
+            axis = MergeAxis(params.get(f"b{i}_axis", MergeAxis.NONE))
             lines = lines_along(axis, h, w)
             count = int(float(params.get(f"b{i}_merge", 0.0)) * lines)
             count = min(count, self.max_merge(lines))
             if count == 0:
-                axis = "none"
+                axis = MergeAxis.NONE
             h, w = after_merge(axis, count, h, w)
             blocks.append(BlockConfig(
                 keep_qk=int(params.get(f"b{i}_qk", s.head_dim)),
@@ -179,7 +178,7 @@ class SearchSpace:
         keep one width everywhere and merge a fraction of the lines every k blocks."""
         s = self.spec
         keeps = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25) if self.prune else (1.0,)
-        if "tokens" in self.axes:
+        if MergeAxis.TOKENS in self.axes:
             n = s.grid[0] * s.grid[1]
             configs = [CompressionConfig.tome(s, r) for r in range(0, n // 2 + 1)]
         else:
@@ -189,6 +188,23 @@ class SearchSpace:
                                                  mlp_multiple=self.mlp_multiple)
                        for keep in keeps for every in everies for fraction, start in (merges if every else merges[:1])]
         return [self.config_from_params(self.params_of(c)) for c in configs]  # as the space can express them
+
+    def extreme_config(self, width_at: float, merge: float) -> CompressionConfig:
+        """Every block at the width choice `width_at` of the way from narrowest (0) to full (1),
+        merging the fraction `merge` of its lines, axes alternating: the space's corners."""
+        params = {}
+        for i in range(self.spec.depth):
+            if len(self.axes) > 1:
+                params[f"b{i}_axis"] = self.axes[1 + i % (len(self.axes) - 1)]
+                params[f"b{i}_merge"] = merge
+            for key, choices in (("qk", self.qk_choices), ("v", self.v_choices), ("mlp", self.mlp_choices)):
+                params[f"b{i}_{key}"] = choices[round(width_at * (len(choices) - 1))]
+        return self.config_from_params(params)
+
+    def corners(self) -> dict[str, CompressionConfig]:
+        """The fastest (narrowest, merging most), a middle and the slowest (dense) point."""
+        return {"min": self.extreme_config(0.0, 0.5), "mid": self.extreme_config(0.5, 0.25),
+                "max": self.extreme_config(1.0, 0.0)}
 
     def schedule_for(self, predict_ms, target_ms: float) -> CompressionConfig:
         """The uniform schedule predicted closest to `target_ms` without going over (else the fastest)."""

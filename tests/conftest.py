@@ -48,13 +48,13 @@ def dense_checkpoint(tmp_path_factory, fashion_mnist) -> Path:
 
     from caitsearch.data import load_dataset
     from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
-    from caitsearch.train import MODEL_FILE, train_dense
+    from caitsearch.training import MODEL_FILE, Recipe, train_dense
 
     torch.manual_seed(0)
     model = create_model(DEFAULT_MODEL)
     splits = load_dataset(fashion_mnist, ModelSpec.from_model(model), calib_size=256, train_limit=1024, test_limit=256)
     out = tmp_path_factory.mktemp("dense")
-    train_dense(model, splits, epochs=1, out_dir=out, batch_size=128, progress=False)
+    train_dense(model, splits, Recipe(epochs=1, batch_size=128, lr=1e-3), out, progress=False)
     return out / MODEL_FILE
 
 

@@ -23,6 +23,7 @@ def tiny_config(tmp_path_factory):
     (lambda d: d["blocks"][5].update(keep_mlp=769), "keep_mlp is 769 but must be between 1 and 768"),
     (lambda d: d.update(model="resnet18"), "ResNet is not a timm VisionTransformer"),
 ])
+@pytest.mark.slow
 def test_invalid_config_exits_2_with_one_line(tiny_config, mutate, fragment):
     _, data, folder = tiny_config
     data = json.loads(json.dumps(data))
@@ -32,6 +33,7 @@ def test_invalid_config_exits_2_with_one_line(tiny_config, mutate, fragment):
     assert_one_line_error(run("inspect", "--config", str(path)), fragment)
 
 
+@pytest.mark.slow
 def test_not_a_vit_and_missing_files_exit_2(tmp_path):
     assert_one_line_error(run("inspect", "--model", "resnet18"), "not a timm VisionTransformer")
     assert_one_line_error(run("inspect", "--config", str(tmp_path / "nope.json")), "does not exist")
@@ -43,6 +45,7 @@ def test_not_a_vit_and_missing_files_exit_2(tmp_path):
     assert_one_line_error(run("bench", "--checkpoint", str(tmp_path / "evil.pth")), "cannot read checkpoint")
 
 
+@pytest.mark.slow
 def test_inspect_json_and_bench_json(tiny_config, tmp_path):
     model, _, _ = tiny_config
     config = CompressionConfig.uniform(model, keep_rate=0.5, merge_every=4)
@@ -59,6 +62,7 @@ def test_inspect_json_and_bench_json(tiny_config, tmp_path):
     assert bench["dense"]["repeats"] == 3 and bench["speedup"] > 0 and bench["mac_ratio"] == report["mac_ratio"]
 
 
+@pytest.mark.slow
 def test_export_cli_writes_checked_onnx(tiny_config, tmp_path):
     model, _, _ = tiny_config
     path = tmp_path / "cfg.json"
@@ -69,11 +73,13 @@ def test_export_cli_writes_checked_onnx(tiny_config, tmp_path):
     assert json.loads(proc.stdout)["max_abs_diff"] <= 1e-3 and out.stat().st_size > 1e6
 
 
+@pytest.mark.slow
 def test_help_teaches():
     proc = run("bench", "--help")
     assert proc.returncode == 0 and "--batch-size" in proc.stdout and "Examples" in proc.stdout
 
 
+@pytest.mark.slow
 def test_strategies_on_bench(tmp_path, tiny_config):
     model, _, _ = tiny_config
     assert_one_line_error(run("bench", "--strategy", "pruneall", "--budget", "0.6"), "unknown strategy 'pruneall'")

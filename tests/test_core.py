@@ -53,6 +53,7 @@ def test_no_compression_equals_stock_timm(variant):
     assert diff <= 1e-5
 
 
+@pytest.mark.slow
 def test_model_features_are_covered():
     specs = {v: ModelSpec.from_model(make(v)) for v in VARIANTS}
     assert specs["distilled"].distilled and specs["distilled"].num_prefix_tokens == 2
@@ -64,6 +65,7 @@ def test_model_features_are_covered():
 
 @pytest.mark.parametrize("variant", ["deit_tiny", "distilled", "layerscale_deit3", "registers_gap", "non_square",
                                      "odd_grid", "avgmax_pool"])
+@pytest.mark.slow
 def test_masked_equals_materialised_for_random_configs(variant):
     model = make(variant)
     space = SearchSpace(ModelSpec.from_model(model))
@@ -255,6 +257,7 @@ def test_invalid_configs_are_refused(mutate, message):
 
 # ----- export ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_onnx_export_of_compressed_model_matches_pytorch(tmp_path):
     from caitsearch.export import export_onnx
 

@@ -11,7 +11,7 @@ import torch
 from caitsearch.compress import compress, materialize
 from caitsearch.config import CompressionConfig
 from caitsearch.models import DEFAULT_MODEL, create_model
-from caitsearch.search.pipeline import save_state
+from caitsearch.io import save_weights
 
 from conftest import assert_one_line_error, run_cli
 
@@ -26,10 +26,11 @@ def candidate(tmp_path_factory):
     model = materialize(compress(dense, config, torch.randn(16, 1, 32, 32))).eval()
     folder = tmp_path_factory.mktemp("run") / "candidates" / "trial-3"
     config.save(folder / "config.json")
-    save_state(model, folder / "model.safetensors")
+    save_weights(model, folder / "model.safetensors")
     return folder, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
 def test_candidate_export_round_trips(candidate, tmp_path, fmt, suffix):
     folder, model = candidate
@@ -52,6 +53,7 @@ def test_candidate_export_round_trips(candidate, tmp_path, fmt, suffix):
     assert np.abs(want).max() > 1e-2  # a real, non-trivial output
 
 
+@pytest.mark.slow
 def test_fp16_onnx_is_an_fp16_graph_close_to_fp32(candidate, tmp_path):
     import onnx
 
@@ -65,6 +67,7 @@ def test_fp16_onnx_is_an_fp16_graph_close_to_fp32(candidate, tmp_path):
     assert 0 < result["max_abs_diff"] <= 3e-2
 
 
+@pytest.mark.slow
 def test_tensorrt_says_what_is_missing_or_builds(candidate, tmp_path):
     from caitsearch.export import tensorrt_missing
 
@@ -83,6 +86,7 @@ def test_tensorrt_says_what_is_missing_or_builds(candidate, tmp_path):
     (["{cand}", "--format", "coreml"], "--format must be one of"),
     (["{cand}", "--config", "{cand}/config.json"], "not both"),
 ])
+@pytest.mark.slow
 def test_bad_export_input_exits_2_with_one_line(candidate, tmp_path, args, message):
     folder, _ = candidate
     res = run_cli("export", *[a.format(tmp=tmp_path, cand=folder) for a in args], "--out", tmp_path / "x.onnx")

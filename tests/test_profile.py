@@ -16,7 +16,7 @@ import torch
 
 from caitsearch.config import CompressionConfig
 from caitsearch.errors import CaitsearchError
-from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model
+from caitsearch.models import DEFAULT_MODEL, create_model
 from caitsearch.profile import LatencyProfile, build_profile, default_profile_path, validate_profile
 from caitsearch.profile.backends import check_backend
 from caitsearch.profile.validate import metrics
@@ -30,6 +30,7 @@ def profile_dir(tmp_path_factory) -> Path:
     return build_profile(DEFAULT_MODEL, threads=1, batch_size=16, out=out, quick=True, progress=False)
 
 
+@pytest.mark.slow
 def test_profile_builds_reloads_and_predicts(profile_dir):
     prof = LatencyProfile.load(profile_dir)
     m = prof.manifest
@@ -61,6 +62,7 @@ def test_profile_builds_reloads_and_predicts(profile_dir):
     assert default_profile_path(DEFAULT_MODEL, (32, 32)) == Path("hw_profiles/deit_fmnist_patch4_32_32x32_torch-cpu_b32_fp32")
 
 
+@pytest.mark.slow
 def test_killed_profile_resumes_to_the_same_keys(profile_dir, tmp_path):
     out = tmp_path / "killed"
     code = (f"from caitsearch.profile import build_profile; "
@@ -97,6 +99,7 @@ def test_killed_profile_resumes_to_the_same_keys(profile_dir, tmp_path):
         build_profile(DEFAULT_MODEL, threads=1, batch_size=8, out=out, quick=True, progress=False)
 
 
+@pytest.mark.slow
 def test_foreign_fingerprint_is_refused(profile_dir, tmp_path):
     foreign = tmp_path / "foreign"
     shutil.copytree(profile_dir, foreign)
@@ -136,6 +139,7 @@ def test_corrupt_or_truncated_table_is_refused(profile_dir, tmp_path):
         LatencyProfile.load(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_validation_reports_every_metric(profile_dir, tmp_path):
     result = validate_profile(profile_dir, configs=3, out=tmp_path, progress=False)
     for key in ("mape_pct", "within_5pct", "within_10pct", "spearman", "max_error_pct"):

@@ -47,6 +47,7 @@ def _png_ok(path: Path) -> Image.Image:
     return img
 
 
+@pytest.mark.slow
 def test_report_renders_every_format_and_recommends_the_most_accurate_within_budget(search_run, tmp_path):
     out = tmp_path / "rep"
     res = run_cli("report", search_run, "--format", "md,html,csv,parquet,json", "--out", out, "--json")
@@ -84,6 +85,7 @@ def test_report_renders_every_format_and_recommends_the_most_accurate_within_bud
     assert not re.search(r"(src|href)=['\"](?!data:)", page), "the HTML must not load anything from outside"
 
 
+@pytest.mark.slow
 def test_html_report_opens_in_headless_chromium(search_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -106,6 +108,7 @@ def test_html_report_opens_in_headless_chromium(search_run, tmp_path):
     assert (pixels.min(axis=2) < 200).mean() > 0.05
 
 
+@pytest.mark.slow
 def test_failed_and_pruned_trials_from_a_storage_url_are_reported(search_run, tmp_path):
     run = _copy(search_run, tmp_path / "run")
     url = f"sqlite:///{run / 'study.db'}"
@@ -123,6 +126,7 @@ def test_failed_and_pruned_trials_from_a_storage_url_are_reported(search_run, tm
     _png_ok(out / "tradeoff.png")
 
 
+@pytest.mark.slow
 def test_run_without_feasible_candidate_or_summary_still_reports(search_run, tmp_path):
     # what search writes when every re-measured candidate ran over budget on the device
     run = _copy(search_run, tmp_path / "over")
@@ -148,6 +152,7 @@ def test_run_without_feasible_candidate_or_summary_still_reports(search_run, tmp
     assert any("has not finished" in n for n in json.loads((tmp_path / "rep2" / "report.json").read_text())["notes"])
 
 
+@pytest.mark.slow
 def test_compare_puts_runs_in_one_table_and_plot(search_run, tmp_path):
     other = _copy(search_run, tmp_path / "other")
     res = run_cli("compare", search_run, other, "--format", "md,csv", "--out", tmp_path / "cmp", "--json")
@@ -165,6 +170,7 @@ def test_compare_puts_runs_in_one_table_and_plot(search_run, tmp_path):
     (["report", ".", "--format", "pdf"], "--format takes"),
     (["report", "{run}", "--storage", "sqlite:///{run}/study.db", "--study-name", "nope"], "no study named 'nope'"),
 ])
+@pytest.mark.slow
 def test_bad_report_input_exits_2_with_one_line(search_run, args, message):
     res = run_cli(*[a.format(run=search_run) for a in args])
     assert_one_line_error(res, message)

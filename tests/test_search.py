@@ -49,6 +49,7 @@ def test_proxy_scores_dense_as_exact_and_compression_as_worse():
     assert proxy.floor.agreement == 0.0 and proxy.floor.kl > 0
 
 
+@pytest.mark.slow
 def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path, quick_profile):
     from caitsearch.profile import LatencyProfile
 
@@ -85,6 +86,7 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     assert not created and enqueue_warm_starts(joined, space, warm, may_enqueue=False) == 0
 
 
+@pytest.mark.slow
 def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpoint):
     run = tmp_path / "run"
     args = ["search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
@@ -116,6 +118,7 @@ def test_search_pipeline_on_fashion_mnist(tmp_path, quick_profile, dense_checkpo
     assert (best / "result.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_tome_strategy_is_searched_and_retrained_the_same_way(tmp_path, quick_profile, dense_checkpoint):
     run = tmp_path / "run"
     res = run_cli("search", "--strategy", "tome", "--budget", "0.8", "--profile", quick_profile, "--checkpoint",
@@ -130,11 +133,12 @@ def test_tome_strategy_is_searched_and_retrained_the_same_way(tmp_path, quick_pr
         assert all((b.keep_qk, b.keep_v, b.keep_mlp) == (spec.head_dim, spec.head_dim, spec.mlp_hidden) for b in blocks)
 
 
+@pytest.mark.slow
 def test_foreign_default_profile_gives_this_machine_its_own(tmp_path, quick_profile, monkeypatch):
     import shutil
 
     from caitsearch.profile import default_profile_path
-    from caitsearch.search.pipeline import find_profile
+    from caitsearch.profile import find_profile
 
     spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
     monkeypatch.chdir(tmp_path)
@@ -150,6 +154,7 @@ def test_foreign_default_profile_gives_this_machine_its_own(tmp_path, quick_prof
     assert find_profile(spec, progress=False).path == prof.path  # found again, not rebuilt
 
 
+@pytest.mark.slow
 def test_search_pipeline_on_image_folder(tmp_path, quick_profile):
     from PIL import Image
 
@@ -174,6 +179,7 @@ def test_search_pipeline_on_image_folder(tmp_path, quick_profile):
         assert 0 <= c["accuracy"] <= 1 and c["latency_ms"] <= 0.9 * c["timing"]["dense_ms"] + 1e-9
 
 
+@pytest.mark.slow
 def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, quick_profile, dense_checkpoint):
     run = tmp_path / "run"
     args = ["search", "--budget", "0.7", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
@@ -207,6 +213,7 @@ def test_sigkill_during_search_then_resume_loses_and_repeats_nothing(tmp_path, q
     assert len({json.dumps(t.params, sort_keys=True) for t in warm}) == len(warm)  # enqueued once
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgres_study(tmp_path, quick_profile, dense_checkpoint, postgres_url):
     trials = 10
     procs = [subprocess.Popen(
@@ -231,6 +238,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, quick_profile, dense_che
     (["--budget", "0.05"], "is below the fastest config"),
     (["--budget", "0.6", "--model", "deit_tiny_patch16_224", "--img-size", "64", "64"], "profile"),
 ])
+@pytest.mark.slow
 def test_bad_budgets_and_foreign_profile_exit_2_with_one_line(tmp_path, quick_profile, extra, message):
     res = run_cli("search", "--profile", quick_profile, "--out", tmp_path / "run", *extra)
     assert_one_line_error(res, message)

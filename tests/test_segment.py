@@ -115,6 +115,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_writes_rows(fashion_mnist, tmp_path):
     config = tmp_path / "uniform.json"
     CompressionConfig.uniform(default_spec(), keep_rate=0.75, merge_every=2).save(config)
@@ -156,6 +157,7 @@ def test_bench_refuses_bad_variants_with_one_sentence(tmp_path):
         bench.parse_variant(f"u={config}", {"dense", "u"})
 
 
+@pytest.mark.slow
 def test_bench_script_reports_bad_input_on_one_line_before_any_work(tmp_path):
     proc = run_bench("--variant", "a=/nonexistent/dir", "--out", str(tmp_path / "x.json"))
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

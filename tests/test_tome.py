@@ -67,6 +67,7 @@ def test_proportional_attention_equals_attention_over_duplicates():
     assert torch.allclose(small[:, 0], full[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tome_model_runs_exports_shapes_and_feature_map(tmp_path):
     model = create_model("deit_tiny_patch16_224", img_size=(64, 64)).eval()
     spec = ModelSpec.from_model(model)

@@ -16,7 +16,9 @@ from caitsearch.compress import compress, load_materialized
 from caitsearch.config import CompressionConfig
 from caitsearch.data import load_dataset
 from caitsearch.models import DEFAULT_MODEL, ModelSpec, create_model, load_state
-from caitsearch.train import DynamicMasks, evaluate, retrain_compressed, save_model, train_dense
+from caitsearch.compress import DynamicMasks
+from caitsearch.io import save_weights as save_model
+from caitsearch.training import Recipe, evaluate, retrain_compressed, train_dense
 from conftest import assert_one_line_error, run_cli
 from test_data import needs_fmnist, write_image_folder
 
@@ -50,7 +52,7 @@ def test_dense_training_on_an_image_folder_learns_and_saves(tmp_path):
     root = write_image_folder(tmp_path / "tiny")
     model = create_model(DEFAULT_MODEL, num_classes=2)
     splits = load_dataset(root, ModelSpec.from_model(model), calib_size=2)
-    metrics = train_dense(model, splits, epochs=4, out_dir=tmp_path / "run", batch_size=8, lr=1e-3, progress=False)
+    metrics = train_dense(model, splits, Recipe(epochs=4, batch_size=8, lr=1e-3), tmp_path / "run", progress=False)
     assert metrics["accuracy"] == 1.0 and metrics["steps"] == 4 * (22 // 8)  # bright vs dark is easy
     reloaded = create_model(DEFAULT_MODEL, num_classes=2, checkpoint=tmp_path / "run" / "model.safetensors")
     assert evaluate(reloaded, splits.test) == 1.0
@@ -75,14 +77,15 @@ def test_dynamic_masks_anneal_and_dropped_channels_keep_their_importance():
     assert bool((act[mask == 0] > 0).all())  # measured before masking: a pruned channel can come back
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_retrain_materialises_the_target_widths_and_saved_weights_reload(tmp_path):
     torch.manual_seed(0)
     teacher = create_model(DEFAULT_MODEL)
     cfg = tiny_config(teacher)
-    splits = load_dataset("fashion-mnist", ModelSpec.from_model(teacher), calib_size=64, test_limit=64)
-    student, metrics = retrain_compressed(teacher, cfg, splits, 1, tmp_path / "rt", batch_size=32,
-                                          train_limit=256, mask_every=2, progress=False)
+    splits = load_dataset("fashion-mnist", ModelSpec.from_model(teacher), calib_size=64, test_limit=64, train_limit=256)
+    student, metrics = retrain_compressed(teacher, cfg, splits, Recipe(epochs=1, batch_size=32, mask_every=2),
+                                          tmp_path / "rt", progress=False)
     blk = student.vit.blocks[0]
     assert blk.attn.dim_qk == cfg.blocks[0].keep_qk and blk.mlp.fc1.out_features == cfg.blocks[0].keep_mlp
     assert blk.attn.qk_mask is None and metrics["steps"] == 8 and 0 <= metrics["accuracy"] <= 1
@@ -92,6 +95,7 @@ def test_retrain_materialises_the_target_widths_and_saved_weights_reload(tmp_pat
     assert CompressionConfig.load(tmp_path / "rt" / "config.json") == cfg
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path):
     ckpt = dense_checkpoint(tmp_path)
@@ -121,6 +125,7 @@ def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path)
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_retraining_under_torchrun_with_two_processes_gives_a_working_checkpoint(tmp_path):
     ckpt = dense_checkpoint(tmp_path)
@@ -141,6 +146,7 @@ def test_retraining_under_torchrun_with_two_processes_gives_a_working_checkpoint
     assert evaluate(student, splits.test) == pytest.approx(metrics["accuracy"])
 
 
+@pytest.mark.slow
 def test_cli_missing_dataset_and_foreign_checkpoint_exit_2_with_one_line(tmp_path):
     env = {**ENV, "CAITSEARCH_FASHION_MNIST": str(tmp_path / "empty")}
     missing = run_cli("train", "--epochs", 1, "--out", tmp_path / "a", env=env)
@@ -166,6 +172,7 @@ def test_committed_default_weights_load_automatically_and_classify_fashion_mnist
     assert evaluate(dense, splits.test) > 0.7  # README: 75.7% on all 10k; chance is 10%
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_train_strategy_budget_retrains_that_strategys_schedule(tmp_path):
     out = tmp_path / "cdcp"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import typer
-from rich.console import Console
 
+from ..console import err as console
 from ..errors import CaitsearchError
 
 app = typer.Typer(
@@ -29,13 +29,6 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=True)
-out = Console(soft_wrap=True)
-
-
-def fail(message: str) -> NoReturn:
-    """Stop a command with one clear line (exit code 2)."""
-    raise CaitsearchError(message)
 
 
 def emit_json(data: Any) -> None:

@@ -9,13 +9,16 @@ import typer
 from rich.table import Table
 
 from ..config import CompressionConfig
+from ..console import out
+from ..device import resolve_device, resolve_dtype
 from ..errors import CaitsearchError
 from ..measure import measure_interleaved, set_threads
 from ..models import ModelSpec
-from .app import app, emit_json, out
-from .common import (
+from .app import app, emit_json
+from .common import load_models
+from .options import (
     BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt, load_models, resolve_device, resolve_dtype,
+    NumClassesOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
 )
 
 

@@ -7,15 +7,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..console import out
 from ..models import DEFAULT_MODEL
-from .app import app, emit_json, out
-from .common import BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
+from .app import app, emit_json
+from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
 
 profile_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
 app.add_typer(profile_app, name="profile")
-
-AllowForeignOpt = Annotated[bool, typer.Option(
-    "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one.")]
 
 
 @profile_app.callback(invoke_without_command=True)

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, emit_json, out
-from .common import JsonOpt
+from ..console import out
+from .app import app, emit_json
+from .options import JsonOpt
 
 FormatsOpt = Annotated[str, typer.Option(
     "--format", "-f", help="Comma-separated outputs: md (Markdown + PNGs), html (self-contained), csv, parquet, json.")]

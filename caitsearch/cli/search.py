@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, emit_json, out
-from .common import CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, StrategyOpt, ThreadsOpt
+from ..console import out
+from .app import app, emit_json
+from .options import AllowForeignOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, StrategyOpt, ThreadsOpt
 
 
 @app.command()
@@ -17,8 +18,7 @@ def search(
         "--budget", help="Latency budget as a fraction of the dense model's latency, e.g. 0.6.")] = None,
     budget_ms: Annotated[Optional[float], typer.Option(
         "--budget-ms", help="Latency budget in milliseconds per batch at the profile's batch size.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(
-        "--profile", help="Latency profile JSON (default: this machine's profile of the model, built if missing).")] = None,
+    profile: ProfileOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = "cait",
     img_size: ImgSizeOpt = None,
@@ -41,8 +41,7 @@ def search(
     remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Interleaved timing rounds when re-measuring.")] = 15,
     threads: ThreadsOpt = None,
-    allow_foreign_profile: Annotated[bool, typer.Option(
-        "--allow-foreign-profile", help="Use a profile measured on another device (predictions may be off).")] = False,
+    allow_foreign_profile: AllowForeignOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Run folder, resumed if it exists (default: results/<model>-b<budget>).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
@@ -64,22 +63,26 @@ def search(
     """
     import optuna
 
-    from ..search.pipeline import SearchRequest, run_search
+    from ..models import DEFAULT_MODEL
+    from ..search import (
+        BudgetRequest, DataRequest, MeasureRequest, SearchRequest, StudyRequest, run_search,
+    )
+    from ..training import Recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    asked = BudgetRequest(ratio=budget, ms=budget_ms)  # refuses a bad budget before any work
     if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
-        from ..models import DEFAULT_MODEL
-
-        label = f"b{budget:g}" if budget is not None else f"ms{budget_ms:g}" if budget_ms is not None else "search"
         method = "" if strategy == "cait" else f"-{strategy}"
-        out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{label}"
+        out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
     req = SearchRequest(
-        out=out_dir, strategy=strategy, budget=budget, budget_ms=budget_ms, model=model, img_size=img_size, checkpoint=checkpoint,
-        data=data, profile=profile, trials=trials, sampler=sampler, seed=seed, storage=storage,
-        study_name=study_name, retrain_top=retrain_top, epochs=epochs, batch_size=batch_size,
-        calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit, test_limit=test_limit,
-        remeasure=remeasure, repeats=repeats, threads=threads,
-        allow_foreign_profile=allow_foreign_profile, progress=not no_progress and not as_json, echo=not as_json,
+        out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
+        data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit,
+                         test_limit=test_limit),
+        study=StudyRequest(trials=trials, sampler=sampler, storage=storage, name=study_name),
+        measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
+                               allow_foreign_profile=allow_foreign_profile),
+        recipe=Recipe(epochs=epochs, batch_size=batch_size, seed=seed),
+        retrain_top=retrain_top, progress=not no_progress and not as_json, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:

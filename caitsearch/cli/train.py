@@ -7,12 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..console import out
+from ..device import resolve_device
 from ..measure import set_threads
-from ..models import DEFAULT_MODEL, ModelSpec, create_model, default_checkpoint, load_checkpoint
-from .app import app, emit_json, out
-from .common import (
+from ..models import DEFAULT_MODEL
+from .app import app, emit_json
+from .common import load_config
+from .options import (
     BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
-    PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt, load_config, resolve_device, strategy_config,
+    PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
 )
 
 DataOpt = Annotated[str, typer.Option(
@@ -71,39 +74,33 @@ def train(
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
     """
     from ..data import load_dataset
+    from ..errors import CaitsearchError
+    from ..models import model_spec
+    from ..search import strategy_config
+    from ..training import DENSE_LR, RETRAIN_LR, Recipe, load_teacher, retrain_compressed, train_dense
 
     set_threads(threads)
     dev = resolve_device(device)
     cfg = load_config(config)
     name = model or (cfg.model if cfg else DEFAULT_MODEL)
     size = img_size or (tuple(cfg.img_size) if cfg else None)
-    probe_model = create_model(name, img_size=size, num_classes=num_classes)
+    spec = model_spec(name, img_size=size, num_classes=num_classes)
     if strategy is not None or budget is not None:  # the config must lie in (or is picked from) the strategy's space
-        cfg = strategy_config(probe_model, strategy or "cait", budget, cfg, profile)
+        cfg = strategy_config(spec, strategy or "cait", budget, cfg, profile)
         if cfg is not None:  # keep the config beside the weights it trains
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             cfg.save(Path(out_dir) / "config.json")
-    probe = ModelSpec.from_model(probe_model)
-    splits = load_dataset(data, probe, seed=seed, calib_size=calib_size, test_limit=test_limit)
-    dense = create_model(name, img_size=size, num_classes=num_classes or splits.num_classes, pretrained=pretrained)
-    if cfg is not None and checkpoint is None and not pretrained:
-        checkpoint = default_checkpoint(name)
-        if checkpoint is None:
-            from ..errors import CaitsearchError
-
-            raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
-    if checkpoint is not None:
-        load_checkpoint(dense, checkpoint)
-    if cfg is None:
-        from ..train import train_dense
-
-        metrics = train_dense(dense, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 1e-3, seed=seed,
-                              train_limit=train_limit, save_every=save_every, progress=not as_json, device=dev)
+    recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr or (DENSE_LR if cfg is None else RETRAIN_LR), seed=seed,
+                    save_every=save_every)
+    splits = load_dataset(data, spec, seed=seed, calib_size=calib_size, train_limit=train_limit, test_limit=test_limit)
+    teacher = load_teacher(name, img_size=size, num_classes=num_classes or splits.num_classes, checkpoint=checkpoint,
+                           pretrained=pretrained, data=splits.name, committed=cfg is not None)
+    if cfg is None:  # dense training starts from whatever weights there are, or from scratch
+        metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not as_json, device=dev)
     else:
-        from ..train import retrain_compressed
-
-        _, metrics = retrain_compressed(dense, cfg, splits, epochs, out_dir, batch_size=batch_size, lr=lr or 5e-4,
-                                        seed=seed, train_limit=train_limit, save_every=save_every, progress=not as_json, device=dev)
+        if teacher.source == "random init":
+            raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
+        _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not as_json, device=dev)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:

@@ -17,10 +17,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import MergeAxis
 from .merge import merge_matrix, proportional_bias
 from .tome import TokenSet, start_set
 
-AXIS_DIM = {"rows": 1, "cols": 2}
+AXIS_DIM = {MergeAxis.ROWS: 1, MergeAxis.COLS: 2}
 
 
 def line_similarity(keys: torch.Tensor, dim: int) -> torch.Tensor:
@@ -100,7 +101,7 @@ class TokenGrid(NamedTuple):
     def merge(self, x: torch.Tensor, keys: torch.Tensor, axis: str, count: int) -> tuple[torch.Tensor, "TokenGrid"]:
         """Remove `count` lines along `axis` from tokens `x` (B, N, C) using `keys` (B, N, d);
         axis "tokens" hands the grid over to ToMe, which removes `count` tokens and no lines."""
-        if axis == "tokens":
+        if axis == MergeAxis.TOKENS:
             return self.to_set(x).merge(x, keys, axis, count)
         batch, _, channels = x.shape
         p, h, w = self.prefix, self.h, self.w

@@ -12,7 +12,7 @@ norms of the weight rows that produce them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -57,26 +57,46 @@ def slice_linear(layer: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Op
     return out
 
 
+GROUPS = ("qk", "v", "mlp")  # the channel groups CDCP prunes in a block, each with one shared mask
+
+
 class ChannelStats:
-    """Per-channel activation statistics averaged over calibration batches, or, with a `momentum`,
-    an exponential moving average over training steps (running importance for dynamic CDCP)."""
+    """Per-channel activation statistics of one module (by name: "qk", "v", "act"), averaged over
+    calibration batches, or, with a `momentum`, an exponential moving average over training steps
+    (running importance for dynamic CDCP). It owns its state: update, cross-rank average, state dict."""
 
     def __init__(self, momentum: Optional[float] = None) -> None:
         self.momentum = momentum
-        self.sums: dict[str, torch.Tensor] = {}
-        self.batches: dict[str, int] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._batches: dict[str, int] = {}
 
     def add(self, name: str, per_channel: torch.Tensor) -> None:
         v = per_channel.detach().float().cpu()
-        if self.momentum is not None and name in self.sums:
-            self.sums[name] = self.momentum * self.sums[name] / self.batches[name] + (1 - self.momentum) * v
-            self.batches[name] = 1
+        if self.momentum is not None and name in self._sums:
+            self._sums[name] = self.momentum * self.mean(name) + (1 - self.momentum) * v
+            self._batches[name] = 1
             return
-        self.sums[name] = self.sums[name] + v if name in self.sums else v
-        self.batches[name] = self.batches.get(name, 0) + 1
+        self._sums[name] = self._sums[name] + v if name in self._sums else v
+        self._batches[name] = self._batches.get(name, 0) + 1
 
     def mean(self, name: str) -> Optional[torch.Tensor]:
-        return self.sums[name] / self.batches[name] if name in self.sums else None
+        return self._sums[name] / self._batches[name] if name in self._sums else None
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+    def all_reduce(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every statistic by its mean over data-parallel ranks, so all ranks agree."""
+        for name in sorted(self._sums):
+            self._sums[name], self._batches[name] = mean_over_ranks(self.mean(name)).cpu(), 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.mean(name) for name in self._sums}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from these means, as if each were one batch."""
+        self._sums = {name: value.detach().float().cpu() for name, value in state.items()}
+        self._batches = {name: 1 for name in state}
 
 
 def attention_scores(qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int,

@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import MergeAxis
 from .merge import merge_matrix, proportional_bias
 
 
@@ -94,7 +95,7 @@ class TokenSet(NamedTuple):
 
     def merge(self, x: torch.Tensor, keys: torch.Tensor, axis: str, count: int) -> tuple[torch.Tensor, "TokenSet"]:
         """Remove `count` patch tokens from `x` (B, N, C) by bipartite matching on `keys` (B, N, d)."""
-        if axis != "tokens":
+        if axis != MergeAxis.TOKENS:
             raise ValueError(f"tokens merged by ToMe have no grid left to merge {axis} of")
         p = self.prefix
         merged, sizes, target = merge_tokens(x[:, p:], self.sizes, bipartite_match(keys[:, p:], count))

@@ -10,27 +10,20 @@ original softmax scale, so the fused kernel stays on the compressed path.
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional, Union
+from typing import Container, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BlockConfig, CompressionConfig
+from ..config import BlockConfig, CompressionConfig, MergeAxis
+from ..errors import CaitsearchError
 from ..models import POOLS_THAT_AVERAGE, ModelSpec
 from .atme import TokenGrid
+from .cdcp import ChannelStats, attention_scores, head_rows, kept_indices, mlp_scores, slice_linear, top_k_mask
 from .tome import TokenSet
 
 TokenLayout = Union[TokenGrid, TokenSet]  # where the tokens are: on a grid (ATME) or a set (ToMe)
-from .cdcp import (
-    ChannelStats,
-    attention_scores,
-    head_rows,
-    kept_indices,
-    mlp_scores,
-    slice_linear,
-    top_k_mask,
-)
 
 
 class CaitAttention(nn.Module):
@@ -149,7 +142,7 @@ class CaitBlock(nn.Module):
         self.attn = CaitAttention(block.attn)
         self.mlp = CaitMlp(block.mlp)
         self.merge_axis = cfg.merge_axis
-        self.merge_count = cfg.merge_count if cfg.merge_axis != "none" else 0
+        self.merge_count = cfg.merge_count if cfg.merge_axis != MergeAxis.NONE else 0
 
     def forward(self, x: torch.Tensor, grid: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
         out, keys = self.attn(self.norm1(x), grid.bias, want_keys=self.merge_count > 0)
@@ -170,10 +163,15 @@ class CaitViT(nn.Module):
         vit.blocks = nn.ModuleList(CaitBlock(b, c) for b, c in zip(vit.blocks, config.blocks))
         self.vit = vit
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: images `(B, C, H, W)` to the tokens `(B, N, C)` the first block sees."""
+        v = self.vit
+        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+
     def forward_features(self, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, TokenLayout]:
         """Final tokens and their layout; `track` keeps ToMe's patch sources, which `feature_map` needs."""
         v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        x = self.embed(x)
         grid: TokenLayout = TokenGrid(self.spec.num_prefix_tokens, *self.spec.grid, track=track)
         for blk in v.blocks:
             x, grid = blk(x, grid)
@@ -232,20 +230,33 @@ def collect_channel_stats(model: CaitViT, calib: Calibration) -> list[tuple[Chan
             blk.attn.stats = blk.mlp.stats = None
 
 
+def full_widths(block: CaitBlock) -> dict[str, int]:
+    """Each CDCP group's width in `block` as it is now (qk and v per head, MLP hidden)."""
+    return {"qk": block.attn.dim_qk, "v": block.attn.dim_v, "mlp": block.mlp.fc1.out_features}
+
+
+def set_block_masks(block: CaitBlock, keeps: Mapping[str, int],
+                    stats: tuple[Optional[ChannelStats], Optional[ChannelStats]] = (None, None),
+                    masked: Optional[Container[str]] = None) -> None:
+    """Mask each CDCP group of `block` ("qk", "v", "mlp") to its `keeps[group]` most important
+    channels (importance from `stats` of the attention and MLP, else from the weights). Groups
+    not in `masked` (default: those kept below full width) get no mask at all."""
+    full = full_widths(block)
+    masked = {g for g in full if keeps[g] < full[g]} if masked is None else masked
+    a, m = block.attn, block.mlp
+    qk_scores, v_scores = attention_scores(a.qkv, a.proj, a.num_heads, a.dim_qk, stats[0])
+    scores = {"qk": qk_scores, "v": v_scores, "mlp": mlp_scores(m.fc1, m.fc2, stats[1])}
+    mask = {g: top_k_mask(scores[g], keeps[g]) if g in masked else None for g in full}
+    a.set_masks(mask["qk"], mask["v"])
+    m.set_mask(mask["mlp"])
+
+
 def prune_channels(model: CaitViT, calib: Optional[Calibration] = None) -> None:
     """Set every block's CDCP masks to the top-k channels by importance."""
-    spec = model.spec
     blocks = list(model.vit.blocks)
     stats = collect_channel_stats(model, calib) if calib is not None else [(None, None)] * len(blocks)
-    for blk, cfg, (attn_stats, mlp_stats) in zip(blocks, model.config.blocks, stats):
-        a = blk.attn
-        qk_s, v_s = attention_scores(a.qkv, a.proj, a.num_heads, a.head_dim, attn_stats)
-        a.set_masks(
-            top_k_mask(qk_s, cfg.keep_qk) if cfg.keep_qk < spec.head_dim else None,
-            top_k_mask(v_s, cfg.keep_v) if cfg.keep_v < spec.head_dim else None,
-        )
-        m = blk.mlp
-        m.set_mask(top_k_mask(mlp_scores(m.fc1, m.fc2, mlp_stats), cfg.keep_mlp) if cfg.keep_mlp < spec.mlp_hidden else None)
+    for blk, cfg, block_stats in zip(blocks, model.config.blocks, stats):
+        set_block_masks(blk, {"qk": cfg.keep_qk, "v": cfg.keep_v, "mlp": cfg.keep_mlp}, block_stats)
 
 
 def compress(model: nn.Module, config: CompressionConfig, calib: Optional[Calibration] = None) -> CaitViT:
@@ -278,8 +289,6 @@ def is_compressed_state(state: dict) -> bool:
 
 def load_materialized(model: nn.Module, config: CompressionConfig, state: dict) -> CaitViT:
     """Rebuild a materialised compressed model of `model` and `config` and load `state` into it."""
-    from ..errors import CaitsearchError
-
     skeleton = materialize(compress(model, config))
     try:
         skeleton.load_state_dict(state)

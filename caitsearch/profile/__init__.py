@@ -6,7 +6,9 @@
 """
 from .backends import BACKENDS, check_backend
 from .build import build_profile, default_profile_path
+from .find import find_profile
 from .predictor import LatencyProfile
 from .validate import validate_profile
 
-__all__ = ["BACKENDS", "LatencyProfile", "build_profile", "check_backend", "default_profile_path", "validate_profile"]
+__all__ = ["BACKENDS", "LatencyProfile", "build_profile", "check_backend", "default_profile_path", "find_profile",
+           "validate_profile"]

@@ -19,11 +19,11 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..device import DTYPES
 from ..errors import CaitsearchError
 from ..measure import Timing, measure_interleaved, set_threads, steady_allocator
 
 BACKENDS = ("torch-cpu", "cuda", "tensorrt")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # NVML clock-event reasons that mean the GPU ran slower than it could (thermal, power, HW slowdown)
 _THROTTLE_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",

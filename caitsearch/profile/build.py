@@ -23,6 +23,7 @@ from torch import nn
 
 from ..compress import compress, materialize
 from ..config import CompressionConfig
+from ..console import Progress
 from ..errors import CaitsearchError
 from ..io import atomic_write, atomic_write_text
 from ..models import ModelSpec, create_model
@@ -99,7 +100,7 @@ def _modules(entry: Entry, model: nn.Module, spec: ModelSpec, space: SearchSpace
         return part, (be.tensor(batch, entry.tokens, c), be.tensor(batch, entry.tokens, spec.head_dim))
     if entry.kind == "stem":
         m = block_model(spec.head_dim, spec.head_dim, spec.mlp_hidden)
-        return StemPart(m.vit), (be.tensor(batch, spec.in_chans, *spec.img_size),)
+        return StemPart(m), (be.tensor(batch, spec.in_chans, *spec.img_size),)
     if entry.kind == "head":
         m = block_model(spec.head_dim, spec.head_dim, spec.mlp_hidden)
         grid = merged_grid(space, entry.tokens, batch, be.dtype, be.device)
@@ -206,25 +207,19 @@ def build_profile(
                 "started": started, "complete": False}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from ..cli.app import console
-
-    bar = Progress(TextColumn("[bold]profile[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                   disable=not progress, transient=False)
     clock = time.perf_counter()
     spent = float(old.get("build_seconds", 0.0))
     # modules are built outside inference mode: exporters (TensorRT via ONNX) refuse inference tensors
-    with bar:
-        task = bar.add_task(spec.name, total=sum(len(g) for g in groups) + len(done), completed=len(done))
+    with Progress(progress) as bar:
+        task = bar.task(f"profile {spec.name}", total=sum(len(g) for g in groups) + len(done), completed=len(done))
         for group in groups:
-            bar.update(task, description=f"{spec.name}: {group[0].kind}")
+            task.update(info=group[0].kind)
             rows = measure_group(group, model, spec, space, be, batch_size, res)
             table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
             _write_table(directory, table, csv=False)
             manifest["build_seconds"] = round(spent + time.perf_counter() - clock, 1)
             atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            bar.advance(task, len(group))
+            task.advance(len(group))
 
     _write_table(directory, table, csv=True)
     manifest["build_seconds"] = round(spent + time.perf_counter() - clock, 1)

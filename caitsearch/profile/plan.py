@@ -28,7 +28,7 @@ from torch import nn
 
 from ..compress import CaitViT, compress, materialize
 from ..compress.atme import TokenGrid
-from ..config import BlockConfig, CompressionConfig, lines_along
+from ..config import BlockConfig, CompressionConfig, MergeAxis, lines_along
 from ..models import ModelSpec
 from ..space import SearchSpace
 
@@ -112,9 +112,9 @@ class Axes:
         self.qk = by_index(space.qk_choices, res.width_points)
         self.v = by_index(space.v_choices, res.width_points)
         self.mlp = by_index(space.mlp_choices, res.mlp_points)
-        self.merge_axes = [a for a in space.axes if a != "none"]
-        if self.merge_axes and "tokens" not in self.merge_axes:  # one profile serves every strategy
-            self.merge_axes.append("tokens")
+        self.merge_axes = [a for a in space.axes if a != MergeAxis.NONE]
+        if self.merge_axes and MergeAxis.TOKENS not in self.merge_axes:  # one profile serves every strategy
+            self.merge_axes.append(MergeAxis.TOKENS)
 
 
 def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tuple[int, int]:
@@ -125,17 +125,6 @@ def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tup
     if not grids:
         raise ValueError(f"no reachable grid has {tokens} tokens")
     return min(grids, key=lambda g: (abs(g[0] - g[1]), -g[0]))
-
-
-def smallest_config(space: SearchSpace) -> CompressionConfig:
-    """The cheapest point of the space: narrowest widths, and every block merging as much as it
-    may (axes alternating), so the correction is fitted across the whole latency range."""
-    params = {}
-    for i in range(space.spec.depth):
-        params.update({f"b{i}_qk": space.qk_choices[0], f"b{i}_v": space.v_choices[0], f"b{i}_mlp": space.mlp_choices[0]})
-        if len(space.axes) > 1:
-            params.update({f"b{i}_axis": space.axes[1 + i % (len(space.axes) - 1)], f"b{i}_merge": 0.5})
-    return space.config_from_params(params)
 
 
 def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]]:
@@ -160,7 +149,8 @@ def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]
     groups.append([Entry("stem")] + [Entry("head", n) for n in ax.tokens])
     rng = random.Random(seed)
     rng.shuffle(groups)
-    configs = [CompressionConfig.dense(space.spec), smallest_config(space)]
+    # dense and the fastest point of the space, so the correction is fitted across the whole latency range
+    configs = [CompressionConfig.dense(space.spec), space.corners()["min"]]
     configs += [space.random_config(rng) for _ in range(res.e2e_configs - 2)]
     e2e = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in configs]
     groups += [e2e[i:i + res.e2e_group] for i in range(0, len(e2e), res.e2e_group)]
@@ -207,13 +197,14 @@ class MergePart(nn.Module):
 
 
 class StemPart(nn.Module):
-    def __init__(self, vit: nn.Module) -> None:
+    """Patch embedding and position embedding: `CaitViT.embed`."""
+
+    def __init__(self, model: CaitViT) -> None:
         super().__init__()
-        self.vit = vit
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.vit
-        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        return self.model.embed(x)
 
 
 class HeadPart(nn.Module):

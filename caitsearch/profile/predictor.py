@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from ..config import CompressionConfig
+from ..config import CompressionConfig, MergeAxis
 from ..errors import CaitsearchError
 from ..models import ModelSpec
 from .build import MANIFEST, TABLE, file_sha256, read_manifest, read_table
@@ -132,7 +132,7 @@ class LatencyProfile:
 
     def _merge_ms(self, axis: str, tokens: int) -> float:
         grid = self._merge.get(axis)
-        if grid is None and axis == "tokens" and self._merge:
+        if grid is None and axis == MergeAxis.TOKENS and self._merge:
             raise CaitsearchError(f"profile {self.path} predates ToMe merge rows; run the command that built it again "
                                   "to add them (only the missing rows are measured).")
         grid = grid or next(iter(self._merge.values()), None)

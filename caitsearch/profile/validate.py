@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
 from ..config import CompressionConfig
+from ..console import Progress
 from ..errors import CaitsearchError
 from ..io import atomic_write, atomic_write_text
 from ..models import create_model
@@ -98,21 +98,16 @@ def validate_profile(
     dense_entry = Entry("e2e", config=json.dumps(dense.to_dict(), separators=(",", ":")))
     reference_ms = prof.measured_e2e(dense)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from ..cli.app import console
-
     rows, drift = [], []
-    bar = Progress(TextColumn("[bold]validate[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=console, disable=not progress)
-    with bar:
-        task = bar.add_task("", total=len(entries))
+    with Progress(progress) as bar:
+        task = bar.task("validate", total=len(entries))
         for i in range(0, len(entries), res.e2e_group):
             group = entries[i:i + res.e2e_group]
             measured_group = measure_group(group + [dense_entry], model, prof.spec, space, be, m["batch_size"], res)
             factor = reference_ms / measured_group[-1]["median_ms"]
             rows += [{**r, "dense_ms": measured_group[-1]["median_ms"], "drift_factor": factor} for r in measured_group[:-1]]
             drift.append(factor)
-            bar.advance(task, len(group))
+            task.advance(len(group))
     measured = [r["median_ms"] for r in rows]
     corrected = [r["median_ms"] * r["drift_factor"] for r in rows]
     predicted = [prof.predict(c) for c in cfgs]

@@ -6,7 +6,6 @@ sentences the report prints, instead of failing.
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,18 +16,8 @@ import pandas as pd
 
 from ..config import CompressionConfig
 from ..errors import CaitsearchError
-from ..models import ModelSpec, create_model
-
-TRIAL_COLUMNS = ["number", "state", "kl", "agreement", "predicted_ms", "feasible", "warm_start", "config"]
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CaitsearchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from e
+from ..models import ModelSpec, model_spec
+from ..search.run_folder import TRIAL_COLUMNS, RunFolder, requested, requested_budget, trial_rows
 
 
 def trials_from_storage(url: str, study_name: str = "search") -> pd.DataFrame:
@@ -36,7 +25,6 @@ def trials_from_storage(url: str, study_name: str = "search") -> pd.DataFrame:
     import optuna
 
     from ..search import driver_url
-    from ..search.pipeline import trial_rows
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -84,7 +72,7 @@ class Run:
         if not configs:
             return None
         cfg = CompressionConfig.from_dict(configs[0])
-        return ModelSpec.from_model(create_model(cfg.model, img_size=tuple(cfg.img_size)))
+        return model_spec(cfg.model, img_size=tuple(cfg.img_size))
 
     @property
     def candidates(self) -> list[dict]:
@@ -93,7 +81,7 @@ class Run:
 
     @property
     def budget(self) -> Optional[dict]:
-        return (self.summary or {}).get("budget") or _budget_from_request(self.manifest)
+        return (self.summary or {}).get("budget") or requested_budget(self.manifest)
 
     @property
     def dense(self) -> Optional[dict]:
@@ -110,14 +98,14 @@ class Run:
         """Parameter count of a candidate's saved weights, read from the safetensors header only."""
         path = Path(candidate.get("path", "")) / "model.safetensors"
         if not path.is_file():
-            path = self.path / "candidates" / f"trial-{candidate['trial']}" / "model.safetensors"
+            path = RunFolder(self.path).candidate(candidate["trial"]) / "model.safetensors"
         if not path.is_file():
             return None
         return _safetensors_numel(path)
 
     @property
     def dense_params(self) -> Optional[int]:
-        path = self.path / "dense" / "model.safetensors"
+        path = RunFolder(self.path).dense / "model.safetensors"
         return _safetensors_numel(path) if path.is_file() else None
 
     def commands(self) -> list[str]:
@@ -132,7 +120,7 @@ class Run:
         if storage:
             cmds.append(f"optuna-dashboard {shlex.quote(storage)}")
         if self.recommended:
-            folder = self.path / "candidates" / f"trial-{self.recommended['trial']}"
+            folder = RunFolder(self.path).candidate(self.recommended["trial"])
             cmds.append(f"caitsearch export {shlex.quote(str(folder))} --format onnx --out trial-{self.recommended['trial']}.onnx")
         return cmds
 
@@ -146,22 +134,13 @@ class Run:
             "cpu": fp.get("cpu"), "gpu": fp.get("gpu") or fp.get("device_name"),
             "logical_cores": fp.get("logical_cores"), "threads": s.get("threads", m.get("threads")),
             "batch_size": s.get("batch_size", prof.get("batch_size")), "dtype": s.get("dtype", prof.get("dtype")),
-            "model": self.model, "data": s.get("data") or m.get("request", {}).get("data"),
+            "model": self.model, "data": s.get("data") or requested(m, "source") or requested(m, "data"),
             "python": m.get("python"), "torch": m.get("torch"), "timm": m.get("timm"), "optuna": m.get("optuna"),
             "host": m.get("host"), "platform": m.get("platform"),
-            "sampler": m.get("request", {}).get("sampler"), "storage": m.get("storage"),
+            "sampler": requested(m, "sampler"), "storage": m.get("storage"),
             "trials_from": self.trials_source,
         }
         return {k: v for k, v in env.items() if v is not None}
-
-
-def _budget_from_request(manifest: dict) -> Optional[dict]:
-    req = manifest.get("request", {})
-    if req.get("budget") is not None:
-        return {"ratio": req["budget"], "ms": None}
-    if req.get("budget_ms") is not None:
-        return {"ratio": None, "ms": req["budget_ms"]}
-    return None
 
 
 def _safetensors_numel(path: Path) -> int:
@@ -182,16 +161,18 @@ def load_run(path: Path, storage: Optional[str] = None, study_name: Optional[str
     path = Path(path)
     if not path.is_dir():
         raise CaitsearchError(f"run folder {path} does not exist.")
-    manifest = _read_json(path / "manifest.json") or {}
-    summary = _read_json(path / "summary.json")
+    folder = RunFolder(path)
+    manifest = folder.read_manifest()
+    summary = folder.read_summary()
     name = study_name or manifest.get("study_name") or "search"
     notes = []
+    stored = folder.read_trials()
     if storage:
         trials, source = trials_from_storage(storage, name), storage
-    elif (path / "trials.parquet").is_file():
-        trials, source = pd.read_parquet(path / "trials.parquet"), str(path / "trials.parquet")
-    elif (path / "study.db").is_file():
-        url = f"sqlite:///{(path / 'study.db').resolve()}"
+    elif stored is not None:
+        trials, source = stored, str(folder.trials)
+    elif folder.study_db.is_file():
+        url = folder.sqlite_url()
         trials, source = trials_from_storage(url, name), url
     elif manifest.get("storage") and not manifest["storage"].startswith("sqlite"):
         raise CaitsearchError(f"{path} keeps its trials in {manifest['storage']}; pass --storage with the full URL.")
@@ -199,7 +180,7 @@ def load_run(path: Path, storage: Optional[str] = None, study_name: Optional[str
         trials, source = pd.DataFrame(columns=TRIAL_COLUMNS), ""
     if not manifest and summary is None and trials.empty:
         raise CaitsearchError(f"{path} is not a caitsearch run folder (no manifest.json, summary.json or trials).")
-    results = pd.read_parquet(path / "results.parquet") if (path / "results.parquet").is_file() else pd.DataFrame()
+    results = folder.read_results()
     run = Run(path=path, summary=summary, manifest=manifest, trials=trials, results=results, trials_source=source,
               notes=notes)
     notes.extend(_notes(run))

@@ -1,13 +1,18 @@
-"""Latency-budgeted search: an accuracy proxy, an Optuna study under a latency constraint, and the
-pipeline that re-measures, retrains and reports the best candidates."""
+"""Latency-budgeted search: the accuracy proxy, the Optuna study under a latency constraint, and
+the pipeline of named stages that re-measures, retrains and summarises the best candidates."""
+from .pipeline import run_search
 from .proxy import AccuracyProxy, ProxyScore, stack_images
+from .request import Budget, BudgetRequest, DataRequest, MeasureRequest, SearchRequest, StudyRequest
+from .run_folder import RunFolder, trial_rows
+from .schedule import strategy_config
 from .study import (
-    SAMPLERS, count, default_storage, driver_url, enqueue_warm_starts, exclusive, fail_orphans, feasible_trials,
+    SAMPLERS, count, driver_url, enqueue_warm_starts, exclusive, fail_orphans, feasible_trials,
     make_objective, make_sampler, open_study, run_trials, worker_seed,
 )
 
 __all__ = [
-    "AccuracyProxy", "ProxyScore", "stack_images", "SAMPLERS", "count", "default_storage", "driver_url",
-    "enqueue_warm_starts", "exclusive", "fail_orphans", "feasible_trials", "make_objective",
-    "make_sampler", "open_study", "run_trials", "worker_seed",
+    "AccuracyProxy", "Budget", "BudgetRequest", "DataRequest", "MeasureRequest", "ProxyScore", "RunFolder",
+    "SAMPLERS", "SearchRequest", "StudyRequest", "count", "driver_url", "enqueue_warm_starts",
+    "exclusive", "fail_orphans", "feasible_trials", "make_objective", "make_sampler", "open_study", "run_search",
+    "run_trials", "stack_images", "strategy_config", "trial_rows", "worker_seed",
 ]

@@ -57,6 +57,7 @@ class AccuracyProxy:
         if images.shape[0] == 0:
             raise CaitsearchError("the calibration split is empty; the search needs images to score configs.")
         self.dense = dense.eval()
+        self.size = int(images.shape[0])
         self.batch_size = batch_size
         self.batches = list(images.split(batch_size))
         self.stats_images = images[:stats_size]

@@ -42,11 +42,6 @@ class SurplusTrial(Exception):
     """A worker lost the race for the study's last trial slot."""
 
 
-def default_storage(run_dir: Path) -> str:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
-
-
 def is_local(url: str) -> bool:
     return url.startswith("sqlite:")
 

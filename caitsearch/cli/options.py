@@ -1,0 +1,36 @@
+"""Options shared by several commands, so every command spells and explains them the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"timm model name (default: the config's model, else {DEFAULT_MODEL}).")]
+ImgSizeOpt = Annotated[Optional[tuple[int, int]], typer.Option(
+    "--img-size", help="Input height and width, e.g. --img-size 224 160 (default: the config's, else the model's).")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier width (default: the model's).")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="Weights: a dense timm state dict or a compressed caitsearch one (.pth/.safetensors, loaded weights-only).")]
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Start from timm hub weights (needs network access).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="Compression config JSON (see `caitsearch inspect --help`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all cores).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")]
+StrategyOpt = Annotated[Optional[str], typer.Option(
+    "--strategy", help="What may be compressed: cait (ATME merges + CDCP pruning), atme (merges only), "
+                       "cdcp (pruning only) or tome (the ToMe baseline: bipartite token merging).")]
+BudgetOpt = Annotated[Optional[float], typer.Option(
+    "--budget", help="With --strategy and no --config: use the strategy's uniform schedule predicted closest "
+                     "under this fraction of the dense latency (ToMe: the same r in every block).")]
+ProfileOpt = Annotated[Optional[Path], typer.Option(
+    "--profile", help="Latency profile folder (default: this machine's CPU profile of the model, built if missing).")]
+AllowForeignOpt = Annotated[bool, typer.Option(
+    "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one "
+                                    "(predictions may be off).")]

@@ -1,0 +1,77 @@
+"""Re-measurement: the best feasible trials, materialised and timed end to end against the dense
+model in one interleaved loop on this machine, because the budget is judged by measurement, not
+by the prediction that screened them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..compress import compress, materialize
+from ..config import CompressionConfig
+from ..measure import measure_interleaved
+from ..models import ModelSpec
+from .request import Budget
+
+
+@dataclass
+class Measured:
+    """One candidate timed end to end: its trial, config, proxy scores and latencies."""
+
+    trial: int
+    config: CompressionConfig
+    proxy: dict
+    predicted_ms: float
+    latency_ms: float
+    within_budget: bool
+    timing: dict = field(default_factory=dict)
+
+
+def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, batch_size: int,
+              device: torch.device, dtype: torch.dtype, calib: torch.Tensor, repeats: int = 15,
+              progress: Optional[Callable[[], None]] = None) -> tuple[dict, list[Measured]]:
+    """Time the dense model and the materialised candidates in one interleaved loop on this device."""
+    models = {"dense": dense.to(device, dtype).eval()}
+    for t in trials:
+        cfg = CompressionConfig.from_dict(t.user_attrs["config"])
+        models[f"trial{t.number}"] = materialize(compress(dense, cfg, calib)).to(device, dtype).eval()
+    x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
+    timings = measure_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats=repeats,
+                                  warmup=2, device=device, progress=progress)
+    dense_ms = timings["dense"].median
+    out = []
+    for t in trials:
+        ms = timings[f"trial{t.number}"].median
+        out.append(Measured(trial=t.number, config=CompressionConfig.from_dict(t.user_attrs["config"]),
+                            proxy={"kl": t.value, "agreement": t.user_attrs.get("agreement")},
+                            predicted_ms=t.user_attrs["predicted_ms"], latency_ms=ms,
+                            within_budget=budget.admits(ms, dense_ms),
+                            timing={**timings[f"trial{t.number}"].summary(), "dense_ms": dense_ms}))
+    return {"latency_ms": dense_ms, "timing": timings["dense"].summary()}, out
+
+
+def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, budget: Budget, dense_predicted_ms: float,
+                           batch_size: int, device: torch.device, dtype: torch.dtype, calib: torch.Tensor,
+                           wanted: int, per_round: int, repeats: int, rounds: int = 3,
+                           on_round: Optional[Callable[[int], Callable[[], None]]] = None) -> tuple[dict, list[Measured]]:
+    """Re-measure the best feasible trials; if fewer than `wanted` stay within budget on this
+    device, correct the predictions by the measured/predicted ratio seen so far and try the next
+    best trials that still fit, up to `rounds` times. `on_round(n)` returns a per-repeat callback."""
+    measured, dense_timing, correction = [], None, 1.0
+    queue = list(feasible)
+    for _ in range(rounds):
+        batch = [t for t in queue
+                 if correction * t.user_attrs["predicted_ms"] / dense_predicted_ms <= budget.ratio][:per_round]
+        if not batch:
+            break
+        queue = [t for t in queue if t not in batch]
+        dense_timing, got = remeasure(dense, batch, spec, budget, batch_size, device, dtype, calib, repeats=repeats,
+                                      progress=on_round(len(batch)) if on_round else None)
+        measured += got  # each carries the dense latency of its own loop, so rounds compare
+        if sum(m.within_budget for m in measured) >= wanted:
+            break
+        ratios = sorted((m.latency_ms / m.timing["dense_ms"]) / (m.predicted_ms / dense_predicted_ms) for m in measured)
+        correction = max(correction, ratios[len(ratios) // 2])
+    return dense_timing, measured

@@ -1,0 +1,14 @@
+"""Training: the dense baseline, distillation retraining of compressed configs, and the teacher.
+
+`Recipe` says how; `train_dense` and `retrain_compressed` share one resumable loop (`loop.fit`);
+`load_teacher` is the one place that decides which dense weights a command starts from."""
+from .dense import train_dense
+from .distributed import Dist, init_distributed
+from .loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, evaluate, fit, load_batch, load_train_state
+from .recipe import DENSE_LR, RETRAIN_LR, Recipe
+from .retrain import retrain_compressed
+from .teacher import Teacher, TrainOnce, load_teacher
+
+__all__ = ["CONFIG_FILE", "DENSE_LR", "Dist", "METRICS_FILE", "MODEL_FILE", "RETRAIN_LR", "Recipe", "STATE_FILE",
+           "Teacher", "TrainOnce", "evaluate", "fit", "init_distributed", "load_batch", "load_teacher",
+           "load_train_state", "retrain_compressed", "train_dense"]

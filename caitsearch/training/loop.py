@@ -1,0 +1,166 @@
+"""The one resumable training loop (`fit`) behind dense training and retraining, and evaluation.
+
+The loop's whole state (weights, optimiser, step, caller state such as CDCP statistics) is written
+atomically to `out_dir/state.pt` every `recipe.save_every` steps and at each epoch end; the data
+order and augmentation are seeded by (seed, step), so a run killed at any moment (SIGKILL
+included) resumes from its last saved step and continues with the batches it would have seen.
+Under torchrun each rank takes its share of every global batch and rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..console import Progress
+from ..errors import CaitsearchError
+from ..io import atomic_write
+from .distributed import Dist
+from .recipe import Recipe
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def load_batch(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `(B, C, H, W)` and labels `(B,)` of `dataset` at `indices`."""
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, ctx: Optional[Dist] = None) -> float:
+    """Top-1 accuracy of `model` on `dataset`, in [0, 1] (summed over ranks under torchrun)."""
+    ctx = ctx or Dist(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    correct = torch.zeros(2, dtype=torch.float64)
+    idx = torch.arange(len(dataset))[ctx.rank::ctx.world]
+    for start in range(0, len(idx), batch_size):
+        x, y = load_batch(dataset, idx[start:start + batch_size])
+        pred = model(x.to(ctx.device, dtype)).argmax(-1).cpu()
+        correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
+    model.train(was_training)
+    correct = ctx.all_sum(correct.to(ctx.device)).cpu()
+    return float(correct[0] / max(correct[1], 1))
+
+
+def steps_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:
+    return max(1, train_size // (max(1, batch_size // world) * world))
+
+
+def load_train_state(path: Path) -> dict:
+    """A resume checkpoint, read weights-only (no code runs from it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CaitsearchError(f"cannot read training state {path}: {str(e).splitlines()[0][:200]}") from e
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CaitsearchError(f"{path} is not a caitsearch training state.")
+    return state
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    recipe: Recipe,
+    out_dir: Path,
+    loss_fn: LossFn,
+    ctx: Dist,
+    fingerprint: dict,
+    on_step: Optional[Callable[[int, int], None]] = None,
+    extra_state: Optional[Callable[[], dict]] = None,
+    load_extra: Optional[Callable[[dict], None]] = None,
+    progress: bool = True,
+) -> dict:
+    """Train `model` for `recipe.epochs` with AdamW and a warmup-cosine schedule, resuming from
+    `out_dir/state.pt` if its `fingerprint` (what is trained, on what) matches. `on_step(step,
+    total)` runs before each step (mask updates); `extra_state`/`load_extra` add caller state to
+    the checkpoint. Returns {"steps", "seconds", "resumed_from"}."""
+    out_dir = Path(out_dir)
+    per_rank = max(1, recipe.batch_size // ctx.world)
+    global_batch = per_rank * ctx.world
+    per_epoch = steps_per_epoch(len(train_set), recipe.batch_size, ctx.world)
+    total = per_epoch * recipe.epochs
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
+    warmup = max(1, int(recipe.warmup * total))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return recipe.lr * (step + 1) / warmup
+        return 0.5 * recipe.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    fingerprint = {**fingerprint, "epochs": recipe.epochs, "batch_size": global_batch, "lr": recipe.lr,
+                   "seed": recipe.seed, "train_size": len(train_set)}
+    step, seconds_before = 0, 0.0
+    state_path = out_dir / STATE_FILE
+    if state_path.is_file():
+        state = load_train_state(state_path)
+        if state.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
+            raise CaitsearchError(f"{out_dir} holds a run with different settings; pass a new --out or delete {state_path}.")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if load_extra:
+            load_extra(state.get("extra", {}))
+        step, seconds_before = int(state["step"]), float(state["seconds"])
+    resumed_from = step
+
+    net = model
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+
+    def save() -> None:
+        if ctx.main:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "seconds": seconds_before + time.perf_counter() - start,
+                     "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                     "extra": extra_state() if extra_state else {}}
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        ctx.barrier()
+
+    start = time.perf_counter()
+    model.train()
+    with Progress(progress and ctx.main) as bar:
+        task = bar.task("train", total=total, completed=step)
+        while step < total:
+            epoch, i = divmod(step, per_epoch)
+            task.update(description=f"epoch {epoch + 1}/{recipe.epochs}")
+            order = epoch_order(len(train_set), recipe.seed, epoch)
+            rows = order[i * global_batch:(i + 1) * global_batch][ctx.rank::ctx.world]
+            torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + ctx.rank)  # augmentation, dropout
+            x, y = load_batch(train_set, rows)
+            if on_step:
+                on_step(step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = loss_fn(net, x.to(ctx.device), y.to(ctx.device))
+            if not torch.isfinite(loss):
+                raise CaitsearchError(f"training diverged at step {step} (loss {loss.item()}); lower --lr.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            task.update(advance=1, info=f"loss {loss.item():.3f}")
+            if step % recipe.save_every == 0 or step % per_epoch == 0 or step == total:
+                save()
+    model.eval()
+    return {"steps": total, "seconds": seconds_before + time.perf_counter() - start, "resumed_from": resumed_from}
