@@ -80,7 +80,7 @@ def test_help_teaches():
 
 
 @pytest.mark.slow
-def test_strategies_on_bench(tmp_path, tiny_config):
+def test_strategies_on_bench(tmp_path, tiny_config, quick_profile):
     model, _, _ = tiny_config
     assert_one_line_error(run("bench", "--strategy", "pruneall", "--budget", "0.6"), "unknown strategy 'pruneall'")
     path = tmp_path / "cait.json"
@@ -88,7 +88,8 @@ def test_strategies_on_bench(tmp_path, tiny_config):
     assert_one_line_error(run("bench", "--strategy", "tome", "--config", str(path)), "not a tome config")
     assert_one_line_error(run("bench", "--config", str(path), "--budget", "0.6"), "not both")
     # the default model's ToMe schedule predicted under 0.6x dense: the same r in every block, no pruning
-    proc = run("bench", "--strategy", "tome", "--budget", "0.6", "--batch-size", "2", "--repeats", "3", "--json")
+    proc = run("bench", "--strategy", "tome", "--budget", "0.6", "--profile", quick_profile, "--batch-size", "2",
+               "--repeats", "3", "--json")
     assert proc.returncode == 0, proc.stderr
     blocks = json.loads(proc.stdout)["config"]["blocks"]
     assert {b["merge_axis"] for b in blocks} <= {"tokens", "none"} and blocks[0]["merge_axis"] == "tokens"
