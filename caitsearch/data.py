@@ -1,10 +1,17 @@
 """Datasets: Fashion-MNIST from Debian's IDX files, or an ImageFolder tree, shaped for a model.
 
-`load_dataset(source, spec)` returns deterministic splits:
-- `train`: the training images minus the calibration images (augmented: random shift, flip);
-- `calib`: `calib_size` training images held out of `train`, for the search proxy and CDCP
-  importance; never taken from the test split, so searching on it cannot leak test accuracy;
-- `test`: the official test split (Fashion-MNIST t10k, or the ImageFolder's `val/`).
+`load_dataset(source, spec)` returns deterministic, disjoint splits. All but `test` come from the
+training images, by one seeded permutation: the first `calib_size` are `calib`, the next
+`proxy_size` are `proxy`, the next `val_size` are `val`, the rest are `train`. So every command
+with the same seed and sizes holds out the same images, and a teacher trained by `caitsearch
+train` has never seen the images a search chooses on.
+- `train`: what training and retraining learn from (augmented: random shift, flip);
+- `calib`: CDCP channel importance (and the start of dynamic CDCP's running importance);
+- `proxy`: the search's untrained accuracy proxy, disjoint from `calib`, so the images that
+  chose the channels do not also score the choice;
+- `val`: the selection split: short fine-tunes are ranked and the deployed candidate chosen on it;
+- `test`: the official test split (Fashion-MNIST t10k, or the ImageFolder's `val/`): reported,
+  never used to choose anything.
 
 Images are adapted to the model: channels are averaged / repeated to `spec.in_chans` and the
 size is changed to `spec.img_size`. Fashion-MNIST's 28x28 digits are scaled to 7/8 of the frame and
@@ -37,17 +44,21 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+# held-out training images (see load_dataset); the defaults of every command, so they hold out the same ones
+CALIB_SIZE, PROXY_SIZE, VAL_SIZE = 512, 512, 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
 class Splits:
-    """Train / calibration / test datasets of `(image, label)`; images are normalised float tensors
-    of shape `(in_chans, H, W)` for the model they were loaded for."""
+    """Train / calibration / proxy / validation / test datasets of `(image, label)`; images are
+    normalised float tensors of shape `(in_chans, H, W)` for the model they were loaded for."""
 
     name: str
     train: Dataset
     calib: Dataset
+    proxy: Dataset
+    val: Dataset
     test: Dataset
     num_classes: int
     classes: Sequence[str] = field(default_factory=tuple)
@@ -215,17 +226,20 @@ def load_dataset(
     source: str | Path,
     spec: ModelSpec,
     seed: int = 0,
-    calib_size: int = 1000,
+    calib_size: int = CALIB_SIZE,
+    proxy_size: int = PROXY_SIZE,
+    val_size: int = VAL_SIZE,
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
 ) -> Splits:
-    """Deterministic train / calib / test splits of `source` ("fashion-mnist" or an ImageFolder
-    directory) shaped for `spec`. The calibration images are a seeded random draw from the
-    training set (at most half of it), removed from `train`; limits keep seeded random subsets."""
-    if calib_size < 0 or (train_limit is not None and train_limit < 1) or (test_limit is not None and test_limit < 1):
-        raise CaitsearchError("calib_size must be >= 0 and train/test limits >= 1.")
+    """Deterministic, disjoint splits of `source` ("fashion-mnist" or an ImageFolder directory)
+    shaped for `spec` (see the module docstring). On small data the held-out splits shrink so
+    that at least half the training images stay for training; limits keep seeded random subsets."""
+    if min(calib_size, proxy_size, val_size) < 0 or (train_limit is not None and train_limit < 1) \
+            or (test_limit is not None and test_limit < 1):
+        raise CaitsearchError("calib, proxy and val sizes must be >= 0 and train/test limits >= 1.")
     if str(source) == FASHION_MNIST:
         train, test, classes = _fashion_mnist(spec, mean, std)
         name = FASHION_MNIST
@@ -237,15 +251,20 @@ def load_dataset(
         name = root.name
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=gen)
-    n_calib = min(calib_size, len(train) // 2)
-    train_idx = order[n_calib:]
+    n = len(train)
+    sizes = [min(calib_size, n // 6), min(proxy_size, n // 6), min(val_size, n // 6)]
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    calib_idx, proxy_idx, val_idx = order[:ends[0]], order[ends[0]:ends[1]], order[ends[1]:ends[2]]
+    train_idx = order[ends[2]:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
     test_idx = torch.randperm(len(test), generator=gen)[:test_limit] if test_limit else torch.arange(len(test))
     return Splits(
         name=name,
         train=train.subset(train_idx, augment=True),
-        calib=train.subset(order[:n_calib], augment=False),
+        calib=train.subset(calib_idx, augment=False),
+        proxy=train.subset(proxy_idx, augment=False),
+        val=train.subset(val_idx, augment=False),
         test=test.subset(test_idx, augment=False),
         num_classes=len(classes),
         classes=tuple(classes),

@@ -44,7 +44,14 @@ def test_fashion_mnist_splits_are_deterministic_and_calib_is_held_out_of_train()
     assert torch.equal(a.calib.indices, b.calib.indices) and torch.equal(a.test.indices, b.test.indices)
     assert not torch.equal(a.calib.indices, c.calib.indices)
     assert not set(c.calib.indices.tolist()) & set(c.train.indices.tolist())  # calib never trained on
-    assert len(c.train) + len(c.calib) == 60000 and len(c.test) == 10000
+    # training, calibration, proxy and validation images are disjoint and together the whole training set
+    parts = [set(split.indices.tolist()) for split in (c.train, c.calib, c.proxy, c.val)]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 60000 and len(c.test) == 10000
+    assert (len(c.calib), len(c.proxy), len(c.val)) == (500, 512, 5000)
+    # the default held-out images are the same for every command with the same seed, and a limited
+    # training set is drawn from what is left, never from them
+    d = load_dataset("fashion-mnist", spec, seed=1, calib_size=500, train_limit=100)
+    assert torch.equal(d.val.indices, c.val.indices) and set(d.train.indices.tolist()) <= parts[0]
     x, y = a.calib[0]
     assert x.shape == (1, 32, 32) and 0 <= y < 10
     # 28x28 content centred on a 2-pixel zero border, normalised with the Fashion-MNIST statistics
@@ -68,7 +75,7 @@ def test_missing_fashion_mnist_names_the_apt_command(tmp_path, monkeypatch):
 
 def test_image_folder_is_resized_to_the_model_and_split(tmp_path):
     root = write_image_folder(tmp_path / "tiny")
-    splits = load_dataset(root, spec_of(), calib_size=4, seed=3)
+    splits = load_dataset(root, spec_of(), calib_size=4, proxy_size=0, val_size=0, seed=3)
     assert splits.classes == ("bright", "dark") and splits.num_classes == 2
     assert (len(splits.train), len(splits.calib), len(splits.test)) == (20, 4, 8)
     x, y = splits.test[0]

@@ -41,7 +41,7 @@ def test_proxy_scores_dense_as_exact_and_compression_as_worse():
     torch.manual_seed(0)
     model = create_model(DEFAULT_MODEL)
     spec = ModelSpec.from_model(model)
-    proxy = AccuracyProxy(model, torch.randn(48, 1, 32, 32), batch_size=16, stats_size=16)
+    proxy = AccuracyProxy(model, torch.randn(48, 1, 32, 32), torch.randn(16, 1, 32, 32), batch_size=16)
     dense = proxy.score(CompressionConfig.dense(spec))
     assert dense.agreement == 1.0 and dense.kl < 1e-6
     squeezed = proxy.score(CompressionConfig.uniform(spec, keep_rate=0.25, merge_every=1, merge_fraction=0.5))
@@ -59,7 +59,7 @@ def test_budget_constraint_warm_starts_and_exact_counts_across_resumes(tmp_path,
     space = SearchSpace(spec)
     prof = LatencyProfile.load(quick_profile)
     budget_ms = 0.6 * prof.dense_ms
-    proxy = AccuracyProxy(model, torch.randn(32, 1, 32, 32), stats_size=16)
+    proxy = AccuracyProxy(model, torch.randn(32, 1, 32, 32), torch.randn(16, 1, 32, 32))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     # one warm start surely under budget (the narrowest, most merged), one surely over (dense)
     warm = [CompressionConfig.uniform(spec, 0.25, 1, merge_fraction=0.5), CompressionConfig.dense(spec)]

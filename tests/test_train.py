@@ -51,7 +51,7 @@ def test_dense_training_on_an_image_folder_learns_and_saves(tmp_path):
     torch.manual_seed(0)
     root = write_image_folder(tmp_path / "tiny")
     model = create_model(DEFAULT_MODEL, num_classes=2)
-    splits = load_dataset(root, ModelSpec.from_model(model), calib_size=2)
+    splits = load_dataset(root, ModelSpec.from_model(model), calib_size=2, proxy_size=0, val_size=0)
     metrics = train_dense(model, splits, Recipe(epochs=4, batch_size=8, lr=1e-3), tmp_path / "run", progress=False)
     assert metrics["accuracy"] == 1.0 and metrics["steps"] == 4 * (22 // 8)  # bright vs dark is easy
     reloaded = create_model(DEFAULT_MODEL, num_classes=2, checkpoint=tmp_path / "run" / "model.safetensors")

@@ -31,6 +31,12 @@ BudgetOpt = Annotated[Optional[float], typer.Option(
                      "under this fraction of the dense latency (ToMe: the same r in every block).")]
 ProfileOpt = Annotated[Optional[Path], typer.Option(
     "--profile", help="Latency profile folder (default: this machine's CPU profile of the model, built if missing).")]
+CalibOpt = Annotated[int, typer.Option(
+    "--calib-size", min=1, help="Training images held out for CDCP channel importance.")]
+ProxySizeOpt = Annotated[int, typer.Option(
+    "--proxy-size", min=1, help="Other held-out training images that score every search trial, untrained.")]
+ValSizeOpt = Annotated[int, typer.Option(
+    "--val-size", min=1, help="Other held-out training images that rank and choose candidates (the validation split).")]
 AllowForeignOpt = Annotated[bool, typer.Option(
     "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one "
                                     "(predictions may be off).")]

@@ -9,7 +9,11 @@ from rich.table import Table
 
 from ..console import out
 from .app import app, emit_json
-from .options import AllowForeignOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, StrategyOpt, ThreadsOpt
+from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from .options import (
+    AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
+    ThreadsOpt, ValSizeOpt,
+)
 
 
 @app.command()
@@ -34,8 +38,9 @@ def search(
     retrain_top: Annotated[int, typer.Option("--retrain-top", min=0, help="Retrain this many best candidates with distillation.")] = 1,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Retraining epochs (and dense training epochs without --checkpoint).")] = 6,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training and evaluation batch size.")] = 128,
-    calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Training images held out for the proxy and CDCP importance.")] = 1000,
-    proxy_size: Annotated[int, typer.Option("--proxy-size", min=1, help="Calibration images each trial is scored on.")] = 512,
+    calib_size: CalibOpt = CALIB_SIZE,
+    proxy_size: ProxySizeOpt = PROXY_SIZE,
+    val_size: ValSizeOpt = VAL_SIZE,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", min=1, help="Use only this many training images.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", min=1, help="Evaluate on only this many test images.")] = None,
     remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
@@ -76,8 +81,8 @@ def search(
         out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
     req = SearchRequest(
         out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
-        data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, train_limit=train_limit,
-                         test_limit=test_limit),
+        data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
+                         train_limit=train_limit, test_limit=test_limit),
         study=StudyRequest(trials=trials, sampler=sampler, storage=storage, name=study_name),
         measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
                                allow_foreign_profile=allow_foreign_profile),

@@ -13,14 +13,14 @@ from ..measure import set_threads
 from ..models import DEFAULT_MODEL
 from .app import app, emit_json
 from .common import load_config
+from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from .options import (
-    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
-    PretrainedOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
+    BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
+    PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt,
 )
 
 DataOpt = Annotated[str, typer.Option(
     "--data", "-d", help="'fashion-mnist' (Debian's dataset-fashion-mnist) or an ImageFolder directory with train/ and val/.")]
-CalibOpt = Annotated[int, typer.Option("--calib-size", min=0, help="Training images held out as the calibration split.")]
 TrainLimitOpt = Annotated[Optional[int], typer.Option("--train-limit", min=1, help="Train on a seeded subset of this many images.")]
 TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=1, help="Evaluate on a seeded subset of this many test images.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the splits, data order, augmentation and initialisation.")]
@@ -43,7 +43,9 @@ def train(
     batch_size: BatchOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak AdamW learning rate (default 1e-3 dense, 5e-4 retraining).")] = None,
     seed: SeedOpt = 0,
-    calib_size: CalibOpt = 1000,
+    calib_size: CalibOpt = CALIB_SIZE,
+    proxy_size: ProxySizeOpt = PROXY_SIZE,
+    val_size: ValSizeOpt = VAL_SIZE,
     train_limit: TrainLimitOpt = None,
     test_limit: TestLimitOpt = None,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resume checkpoints.")] = 50,
@@ -92,7 +94,8 @@ def train(
             cfg.save(Path(out_dir) / "config.json")
     recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr or (DENSE_LR if cfg is None else RETRAIN_LR), seed=seed,
                     save_every=save_every)
-    splits = load_dataset(data, spec, seed=seed, calib_size=calib_size, train_limit=train_limit, test_limit=test_limit)
+    splits = load_dataset(data, spec, seed=seed, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
+                          train_limit=train_limit, test_limit=test_limit)
     teacher = load_teacher(name, img_size=size, num_classes=num_classes or splits.num_classes, checkpoint=checkpoint,
                            pretrained=pretrained, data=splits.name, committed=cfg is not None)
     if cfg is None:  # dense training starts from whatever weights there are, or from scratch

@@ -132,12 +132,12 @@ def prepare(req: SearchRequest) -> Prepared:
         resolve_dtype(str(prof.manifest.get("dtype", "fp32")))
 
     d = req.data
-    splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, train_limit=d.train_limit,
-                          test_limit=d.test_limit)
+    splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
+                          val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
     teacher = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
                            data=splits.name,
                            train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress)).model
-    proxy = AccuracyProxy(teacher, stack_images(splits.calib, d.proxy_size))
+    proxy = AccuracyProxy(teacher, stack_images(splits.proxy), stack_images(splits.calib))
     return Prepared(req, run, spec, prof, budget, space, threads, device, dtype, splits, teacher, proxy)
 
 
@@ -177,7 +177,7 @@ def run_study(p: Prepared) -> Studied:
     identity = {"model": p.spec.name, "img_size": list(p.spec.img_size), "budget": req.budget.identity(),
                 "profile": p.profile.manifest.get("table_sha256"),
                 "space": {"qk": p.space.qk_choices, "mlp": p.space.mlp_choices, "axes": list(p.space.axes)},
-                "data": p.splits.name, "calib_size": req.data.calib_size,
+                "data": p.splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
                 "proxy_size": p.proxy.size, "seed": req.seed}
     sampler = st.make_sampler(req.study.sampler, st.worker_seed(req.seed, url), req.study.trials)
     study, created = st.open_study(url, req.study.name, sampler, identity)

@@ -1,6 +1,6 @@
 """The search objective: how closely a compressed model, untrained, follows the dense one.
 
-Retraining every trial is far too slow, so a trial is scored on the calibration split by comparing
+Retraining every trial is far too slow, so a trial is scored on the proxy split by comparing
 `compress(dense, config, calib)` (ATME merges plus importance-based CDCP masks, same weights) with
 the dense model's logits, computed once: top-1 agreement, and the mean KL divergence
 KL(dense || compressed). KL is the objective (smaller is better): it is continuous where
@@ -47,20 +47,21 @@ class ProxyScore:
 
 
 class AccuracyProxy:
-    """Scores configs against the dense model on fixed calibration images.
+    """Scores configs against the dense model on fixed images.
 
-    `stats_images` (the first `stats_size` images by default) feed CDCP's channel importance; all
-    images are then used to compare logits. Dense logits are computed once, here.
+    `stats_images` feed CDCP's channel importance and `images` are scored; they should be disjoint
+    (the data's `calib` and `proxy` splits), so the images that chose the channels do not also
+    judge the choice. Dense logits are computed once, here.
     """
 
-    def __init__(self, dense: nn.Module, images: torch.Tensor, batch_size: int = 256, stats_size: int = 256):
-        if images.shape[0] == 0:
-            raise CaitsearchError("the calibration split is empty; the search needs images to score configs.")
+    def __init__(self, dense: nn.Module, images: torch.Tensor, stats_images: torch.Tensor, batch_size: int = 256):
+        if images.shape[0] == 0 or stats_images.shape[0] == 0:
+            raise CaitsearchError("the calibration or proxy split is empty; the search needs images to score configs.")
         self.dense = dense.eval()
         self.size = int(images.shape[0])
         self.batch_size = batch_size
         self.batches = list(images.split(batch_size))
-        self.stats_images = images[:stats_size]
+        self.stats_images = stats_images
         self.dense_log_probs = torch.cat([F.log_softmax(logits, -1) for logits in self._logits(self.dense)])
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from ..errors import CaitsearchError
 from ..training import Recipe
 
@@ -54,9 +55,12 @@ class BudgetRequest:
 
 @dataclass(frozen=True)
 class DataRequest:
+    """The data and its held-out splits (`data.load_dataset`)."""
+
     source: str = "fashion-mnist"  # or an ImageFolder directory
-    calib_size: int = 1000  # training images held out for CDCP importance and the proxy
-    proxy_size: int = 512  # calibration images each trial is scored on
+    calib_size: int = CALIB_SIZE  # training images held out for CDCP channel importance
+    proxy_size: int = PROXY_SIZE  # other held-out images every trial is scored on, untrained
+    val_size: int = VAL_SIZE  # other held-out images the candidates are ranked and chosen on
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
 
