@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -51,11 +52,11 @@ def test_profile_builds_reloads_and_predicts(profile_dir):
     head = t[(t.kind == "head") & (t.tokens == full)].median_ms.item()
     stem = t[t.kind == "stem"].median_ms.item()
     assert prof.raw(dense) == pytest.approx(stem + spec.depth * (attn + mlp) + head)
-    assert prof.dense_ms == pytest.approx(prof.scale * prof.raw(dense) ** prof.exponent)
+    assert prof.dense_ms == pytest.approx(float(prof.part_sums(dense) @ prof.factors))
 
     small = CompressionConfig.uniform(spec, keep_rate=0.25, merge_every=1, merge_fraction=0.5)
     assert 0 < prof.predict(small) < prof.dense_ms
-    assert 0.5 <= prof.exponent <= 1.5 and prof.scale > 0
+    assert (prof.factors >= 0).all() and prof.factors.sum() > 0
     prof.check_model(create_model(DEFAULT_MODEL))
     with pytest.raises(CaitsearchError, match="is for deit_fmnist_patch4_32"):
         prof.check_model(create_model("deit_tiny_patch16_224", img_size=(64, 64)))
@@ -165,6 +166,22 @@ def test_grid_interpolates_multilinearly_and_clamps():
     assert grid(5, 50) == 1.0 and grid(99, 999) == 7.0
     with pytest.raises(CaitsearchError, match="misses test entries"):
         Grid(rows.iloc[:3], ["tokens", "mlp"], "test")
+
+
+def test_part_factors_are_recovered_and_stay_non_negative():
+    from caitsearch.profile.predictor import fit_factors
+
+    rng = np.random.default_rng(0)
+    parts = np.c_[np.full(60, 0.3), rng.uniform(0.5, 5.0, (60, 3)), np.full(60, 0.2)]  # stem, head: constant
+    parts[:15, 3] = 0.0  # configs without merges
+    true = np.array([1.0, 0.8, 1.1, 1.6, 1.0])
+    np.testing.assert_allclose(fit_factors(parts, parts @ true), true, atol=0.02)
+    # noise cannot buy a constant part a huge factor (it would act as a free intercept)
+    noisy = parts @ true * rng.uniform(0.8, 1.2, 60)
+    got = fit_factors(parts, noisy)
+    assert (got >= 0).all() and abs(got[0] - 1) < 0.5 and abs(got[4] - 1) < 0.5
+    # a part absent from every config keeps factor 1
+    assert fit_factors(np.c_[parts[:, :3], np.zeros(60), parts[:, 4]], parts[:, :3].sum(1) + parts[:, 4])[3] == 1.0
 
 
 def test_metrics_are_computed_correctly():

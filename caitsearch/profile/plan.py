@@ -9,10 +9,14 @@ the `MLP part` on the merged tokens. The table is factored along that split:
 - `mlp`: tokens x MLP hidden width;
 - `merge`: tokens in x axis (the merge op on a near-square grid of that size; axis "tokens" is
   ToMe's bipartite matching, profiled in every profile so that one table serves every strategy);
-- `stem` once, `head` per token count; `e2e`: whole random configs, for the fitted correction.
+- `stem` once, `head` per token count; `e2e`: whole configs, for the fitted per-part factors:
+  dense, the fastest point, and for every family (pure pruning, pure merging, joint, ToMe) a
+  spread of configs across its MAC range, so no family is fitted by the others' errors.
 
-Every dimension is sampled at a few points (all choices where there are few) and interpolated
-multilinearly in between: token counts spaced by value, widths by index.
+A full profile measures every width the space offers, and every token count any strategy
+reaches (ATME grids and ToMe's token sets) where there are at most `token_points` of them; else
+that many spaced by value, interpolated in between (validated per family by `profile validate`).
+A quick profile samples every dimension at a few points.
 """
 from __future__ import annotations
 
@@ -62,12 +66,12 @@ class Entry:
 
 @dataclass(frozen=True)
 class Resolution:
-    """How densely each dimension is sampled, and how long each group is timed."""
+    """How densely each dimension is sampled (None: every value), and how long each group is timed."""
 
     token_points: int
-    width_points: int
-    mlp_points: int
-    e2e_configs: int
+    width_points: Optional[int]
+    mlp_points: Optional[int]
+    e2e_per_family: int
     repeats: int
     max_repeats: int
     warmup: int
@@ -77,16 +81,18 @@ class Resolution:
     e2e_group: int = 4
 
 
-FULL = Resolution(token_points=12, width_points=4, mlp_points=6, e2e_configs=16, repeats=5, max_repeats=15,
+FULL = Resolution(token_points=48, width_points=None, mlp_points=None, e2e_per_family=10, repeats=5, max_repeats=15,
                   warmup=2, warmup_seconds=0.3, target_spread=0.05, group_seconds=10.0)
-QUICK = Resolution(token_points=4, width_points=2, mlp_points=3, e2e_configs=5, repeats=4, max_repeats=8,
+QUICK = Resolution(token_points=4, width_points=2, mlp_points=3, e2e_per_family=2, repeats=4, max_repeats=8,
                    warmup=1, warmup_seconds=0.02, target_spread=0.15, group_seconds=1.0)
+# the config families the fit and the validation are spread over: the joint space's own, and ToMe
+FIT_FAMILIES = ("prune", "merge", "joint", "tome")
 
 
-def by_index(values: Sequence[int], k: int) -> list[int]:
-    """`k` of the sorted `values`, evenly spaced by position (ends included)."""
+def by_index(values: Sequence[int], k: Optional[int]) -> list[int]:
+    """`k` of the sorted `values`, evenly spaced by position (ends included); all for k None."""
     values = sorted(set(values))
-    if len(values) <= k:
+    if k is None or len(values) <= k:
         return values
     return sorted({values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)})
 
@@ -106,7 +112,7 @@ class Axes:
     def __init__(self, space: SearchSpace, res: Resolution) -> None:
         s = space.spec
         self.full = s.num_tokens
-        merged = [n for n in space.token_counts() if n < self.full]
+        merged = [n for n in reachable_tokens(space) if n < self.full]
         self.merged_tokens = by_value(merged, res.token_points) if merged else []
         self.tokens = self.merged_tokens + [self.full]
         self.qk = by_index(space.qk_choices, res.width_points)
@@ -117,11 +123,47 @@ class Axes:
             self.merge_axes.append(MergeAxis.TOKENS)
 
 
+def reachable_tokens(space: SearchSpace) -> list[int]:
+    """Every token count a config of any strategy sharing this space's grid can reach: ATME's grids
+    and, where the space merges, ToMe's token sets (one profile serves every strategy)."""
+    counts = set(space.token_counts())
+    if space.merge:
+        counts |= set(tome_space(space).token_counts())
+    return sorted(counts)
+
+
+def tome_space(space: SearchSpace) -> SearchSpace:
+    return SearchSpace.for_strategy(space.spec, "tome", head_multiple=space.head_multiple,
+                                    mlp_multiple=space.mlp_multiple, min_keep=space.min_keep, min_lines=space.min_lines)
+
+
+def family_space(space: SearchSpace, family: str) -> SearchSpace:
+    """The space of one fit family: a family of the joint space, or ToMe."""
+    return tome_space(space) if family == "tome" else space.subspace(family)
+
+
+def spread_configs(space: SearchSpace, count: int, rng: random.Random, draws: int = 400) -> list[CompressionConfig]:
+    """`count` configs of `space` spread over its MAC range: many random draws, binned by MACs,
+    the first draw of each bin kept (a bin without one is skipped)."""
+    s = space.spec
+    configs = [space.random_config(rng) for _ in range(draws)]
+    macs = [c.macs(s)["total"] for c in configs]
+    lo, hi = min(macs), max(macs)
+    chosen: dict[int, CompressionConfig] = {}
+    for cfg, m in zip(configs, macs):
+        b = min(count - 1, int((m - lo) / (hi - lo + 1e-9) * count))
+        chosen.setdefault(b, cfg)
+    return [chosen[b] for b in sorted(chosen)]
+
+
 def grid_for(space: SearchSpace, tokens: int, axis: Optional[str] = None) -> tuple[int, int]:
-    """The most square reachable grid with `tokens` tokens (able to lose a line along `axis`)."""
+    """The most square reachable grid with `tokens` tokens (able to lose a line along `axis`);
+    a ToMe token set (a 1 x n strip) where no grid has that many."""
     p = space.spec.num_prefix_tokens
     grids = [(h, w) for h, w in space.grids() if p + h * w == tokens
              and (axis is None or space.max_merge(lines_along(axis, h, w)) > 0)]
+    if not grids and space.merge and not space.token_merge and axis in (None, MergeAxis.TOKENS):
+        return grid_for(tome_space(space), tokens, axis)
     if not grids:
         raise ValueError(f"no reachable grid has {tokens} tokens")
     return min(grids, key=lambda g: (abs(g[0] - g[1]), -g[0]))
@@ -149,9 +191,11 @@ def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]
     groups.append([Entry("stem")] + [Entry("head", n) for n in ax.tokens])
     rng = random.Random(seed)
     rng.shuffle(groups)
-    # dense and the fastest point of the space, so the correction is fitted across the whole latency range
+    # dense, the fastest point of the space, and every family spread over its range (see module doc)
     configs = [CompressionConfig.dense(space.spec), space.corners()["min"]]
-    configs += [space.random_config(rng) for _ in range(res.e2e_configs - 2)]
+    families = [f for f in FIT_FAMILIES if f in space.families or (f == "tome" and space.merge)] or [None]
+    for family in families:
+        configs += spread_configs(space if family is None else family_space(space, family), res.e2e_per_family, rng)
     e2e = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in configs]
     groups += [e2e[i:i + res.e2e_group] for i in range(0, len(e2e), res.e2e_group)]
     return groups

@@ -1,20 +1,22 @@
-"""Predict the latency of a compressed model from a profile: table lookups plus a fitted correction.
+"""Predict the latency of a compressed model from a profile: table lookups plus fitted per-part factors.
 
-A config's raw estimate is stem + sum over blocks of (attention part at the block's input tokens
-and widths, merge step if any, MLP part at the output tokens) + head at the final tokens, each
-interpolated multilinearly from the table. Per-part sums miss what whole models do differently
-(caches, launch overlap, fusion on GPUs), so `predict` maps the raw sum through `scale * raw**exponent`,
-fitted in log space (so errors count relatively) to the profile's end-to-end measurements of the
-dense model, the smallest model of the space and random configs between them. A power law stays
-positive and monotone when a config lies outside the fitted range; a linear fit with an offset
-does not.
+A config's parts are the stem, the sum over blocks of attention parts (at the block's input
+tokens and widths), of MLP parts (at the output tokens) and of merge steps, and the head at the
+final tokens, each looked up (interpolated multilinearly between measured points) in the table.
+Parts timed alone miss what a whole model does differently (caches warm across blocks, the
+allocator, overlap and fusion on GPUs), and not by the same amount for every part, so `predict`
+is a weighted sum `sum_k factor_k * part_k`, one non-negative factor per part, fitted to the
+profile's end-to-end measurements by least squares on relative errors. Those measurements are
+spread over every family (pure pruning, pure merging, joint, ToMe; `plan.FIT_FAMILIES`): with one
+correction fitted mostly on merge-heavy configs, pruning was charged 14-18% too much. A sum of
+positive parts with positive factors stays positive and monotone outside the fitted range.
 """
 from __future__ import annotations
 
 import itertools
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,39 @@ from ..errors import CaitsearchError
 from ..models import ModelSpec
 from .build import MANIFEST, TABLE, file_sha256, read_manifest, read_table
 from .fingerprint import differences, fingerprint
+
+
+PARTS = ("stem", "attention", "mlp", "merge", "head")
+
+
+PRIOR = 0.05  # weight of the pull of every factor towards 1 (the plain sum of the parts)
+
+
+def fit_factors(parts: np.ndarray, measured: np.ndarray, prior: float = PRIOR) -> np.ndarray:
+    """Non-negative factors `f` minimising sum(((parts @ f) - measured) / measured)^2 + prior *
+    sum((f - 1)^2).
+
+    `parts` is (configs, len(PARTS)). The prior keeps parts the data cannot tell apart near the
+    plain sum: the stem is the same in every config, so alone it would act as a free intercept,
+    and noisy timings would buy any factor; where the data is clear it decides. Solved exactly:
+    least squares over every subset of the five parts (32 small solves), the best non-negative one."""
+    parts, measured = np.asarray(parts, dtype=float), np.asarray(measured, dtype=float)
+    k = parts.shape[1]
+    X = np.vstack([parts / measured[:, None], np.sqrt(prior) * np.eye(k)])
+    y = np.concatenate([np.ones(len(measured)), np.sqrt(prior) * np.ones(k)])
+    best, best_err = np.zeros(k), np.inf
+    for size in range(1, k + 1):
+        for subset in itertools.combinations(range(k), size):
+            cols = list(subset)
+            coef, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+            if (coef < 0).any():
+                continue
+            factors = np.zeros(k)
+            factors[cols] = coef
+            err = float(((X @ factors - y) ** 2).sum())
+            if err < best_err:
+                best, best_err = factors, err
+    return best
 
 
 class Grid:
@@ -82,7 +117,7 @@ class LatencyProfile:
             raise CaitsearchError("the latency table has no stem entry; delete the profile and build it again.")
         self._stem = float(stem.iloc[0])
         self._cache: dict = {}
-        self.scale, self.exponent = self._fit()
+        self.factors = self._fit()
 
     # ----- loading ------------------------------------------------------------------------------
     @classmethod
@@ -124,6 +159,26 @@ class LatencyProfile:
         if any(getattr(s, k) != getattr(p, k) for k in shape):
             raise CaitsearchError(f"profile {self.path} is for a {p.name} of another shape; profile this model.")
 
+    def refuses(self, space) -> Optional[str]:
+        """Why this profile cannot predict `space` (a `SearchSpace`) without extrapolating, or None:
+        a width outside the measured range, token counts below it, or a merge it never timed."""
+        t = self.table
+        for dim, choices in (("qk", space.qk_choices), ("v", space.v_choices), ("mlp", space.mlp_choices)):
+            measured = t[t.kind == ("mlp" if dim == "mlp" else "attn")][dim]
+            if min(choices) < measured.min() or max(choices) > measured.max():
+                return (f"profile {self.path} measured {dim} widths {int(measured.min())}-{int(measured.max())}, "
+                        f"but the {space.strategy} space offers {min(choices)}-{max(choices)}")
+        from .plan import reachable_tokens
+
+        tokens = t[t.kind == "attn"]["tokens"]
+        if space.merge and min(reachable_tokens(space)) < tokens.min():
+            return (f"profile {self.path} measured {int(tokens.min())} tokens or more, but the {space.strategy} "
+                    f"space reaches {min(reachable_tokens(space))}")
+        missing = sorted({str(a) for a in space.axes if a != MergeAxis.NONE} - set(map(str, self._merge)))
+        if missing:
+            return f"profile {self.path} has no {', '.join(missing)} merge rows, which the {space.strategy} space needs"
+        return None
+
     # ----- prediction ---------------------------------------------------------------------------
     def _attention(self, tokens: int, qk: int, v: int) -> float:
         if tokens >= self.spec.num_tokens or self._attn_merged is None:
@@ -140,27 +195,38 @@ class LatencyProfile:
             raise CaitsearchError(f"profile {self.path} was built without merges but the config merges tokens.")
         return grid(tokens)
 
-    def parts(self, config: CompressionConfig) -> dict:
-        """Raw per-part estimate in ms: stem, each block, head (no correction)."""
+    def part_sums(self, config: CompressionConfig) -> np.ndarray:
+        """The config's parts summed by kind, in `PARTS` order (ms, before the factors)."""
         shapes = config.shapes(self.spec)
-        blocks = []
+        attn = mlp = merge = 0.0
         for b, sh in zip(config.blocks, shapes):
             key = (b, sh.tokens_in, sh.tokens_out)
             if key not in self._cache:
-                ms = self._attention(sh.tokens_in, b.keep_qk, b.keep_v) + self._mlp(sh.tokens_out, b.keep_mlp)
-                if b.merge_count:
-                    ms += self._merge_ms(b.merge_axis, sh.tokens_in)
-                self._cache[key] = ms
-            blocks.append(self._cache[key])
+                merged = self._merge_ms(b.merge_axis, sh.tokens_in) if b.merge_count else 0.0
+                self._cache[key] = (self._attention(sh.tokens_in, b.keep_qk, b.keep_v),
+                                    self._mlp(sh.tokens_out, b.keep_mlp), merged)
+            a, m, g = self._cache[key]
+            attn, mlp, merge = attn + a, mlp + m, merge + g
+        return np.array([self._stem, attn, mlp, merge, self._head(shapes[-1].tokens_out)])
+
+    def parts(self, config: CompressionConfig) -> dict:
+        """Raw per-part estimate in ms: stem, each block, head (no factors)."""
+        shapes = config.shapes(self.spec)
+        blocks = []
+        for b, sh in zip(config.blocks, shapes):
+            ms = self._attention(sh.tokens_in, b.keep_qk, b.keep_v) + self._mlp(sh.tokens_out, b.keep_mlp)
+            if b.merge_count:
+                ms += self._merge_ms(b.merge_axis, sh.tokens_in)
+            blocks.append(ms)
         return {"stem": self._stem, "blocks": blocks, "head": self._head(shapes[-1].tokens_out)}
 
     def raw(self, config: CompressionConfig) -> float:
-        p = self.parts(config)
-        return p["stem"] + sum(p["blocks"]) + p["head"]
+        """The plain sum of the config's table lookups (every factor 1)."""
+        return float(self.part_sums(config).sum())
 
     def predict(self, config: CompressionConfig) -> float:
         """Predicted ms per batch of the whole materialised model under `config`."""
-        return self.scale * self.raw(config) ** self.exponent
+        return float(self.part_sums(config) @ self.factors)
 
     def measured_e2e(self, config: CompressionConfig) -> float:
         """The profile's own end-to-end measurement of `config` (its prediction if never measured)."""
@@ -175,24 +241,17 @@ class LatencyProfile:
     def dense_ms(self) -> float:
         return self.predict(CompressionConfig.dense(self.spec))
 
-    def _fit(self) -> tuple[float, float]:
-        """Least squares of log measured on log raw end-to-end ms: (scale, exponent)."""
+    def _fit(self) -> np.ndarray:
+        """Per-part factors minimising the squared relative error over the end-to-end rows."""
         e2e = self.table[self.table.kind == "e2e"]
         if e2e.empty:
-            return 1.0, 1.0
-        x = np.log([self.raw(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
-        y = np.log(e2e["median_ms"].to_numpy(dtype=float))
-        ratio = (float(np.exp(np.median(y - x))), 1.0)
-        if len(x) < 3 or np.ptp(x) < 0.05:
-            return ratio
-        exponent, intercept = np.polyfit(x, y, 1)
-        if not 0.5 <= exponent <= 1.5:  # a fit that far from proportional is noise, not hardware
-            return ratio
-        return float(np.exp(intercept)), float(exponent)
+            return np.ones(len(PARTS))
+        parts = np.array([self.part_sums(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
+        return fit_factors(parts, e2e["median_ms"].to_numpy(dtype=float))
 
     def summary(self) -> dict:
         m = self.manifest
         return {"path": str(self.path), "model": m["model"], "img_size": m["img_size"], "backend": m["backend"],
                 "batch_size": m["batch_size"], "dtype": m["dtype"], "threads": m.get("threads"), "rows": len(self.table),
-                "dense_ms": self.dense_ms, "correction": {"scale": self.scale, "exponent": self.exponent},
+                "dense_ms": self.dense_ms, "factors": dict(zip(PARTS, map(float, self.factors))),
                 "fingerprint": m["fingerprint"], "date": m.get("date")}

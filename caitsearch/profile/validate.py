@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ from ..console import Progress
 from ..errors import CaitsearchError
 from ..io import atomic_write, atomic_write_text
 from ..models import create_model
-from ..space import SearchSpace
+from ..space import STRATEGIES, SearchSpace
 from .backends import make_backend
 from .build import measure_group
 from .plan import FULL, QUICK, Entry
@@ -35,31 +35,39 @@ def spearman(a, b) -> float:
 
 
 def metrics(predicted, measured) -> dict:
+    """MAPE, the shares within ±5% and ±10%, the signed mean error (positive: predicted slower
+    than measured, i.e. the search overcharges such configs) and Spearman's rank correlation."""
     p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
-    err = np.abs(p - m) / m
+    signed = (p - m) / m
+    err = np.abs(signed)
     return {"configs": len(m), "mape_pct": float(100 * err.mean()), "within_5pct": float((err <= 0.05).mean()),
-            "within_10pct": float((err <= 0.10).mean()), "spearman": spearman(p, m),
-            "max_error_pct": float(100 * err.max())}
+            "within_10pct": float((err <= 0.10).mean()), "signed_mean_error_pct": float(100 * signed.mean()),
+            "spearman": spearman(p, m), "max_error_pct": float(100 * err.max())}
 
 
-def scatter_plot(path: Path, predicted, measured, title: str) -> None:
-    import matplotlib
+def scatter_plot(path: Path, predicted, measured, title: str, groups: Optional[Sequence[str]] = None) -> None:
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig = Figure(figsize=(5.4, 5.4), dpi=120)
+    ax = fig.subplots()
     lo, hi = 0.9 * min(min(predicted), min(measured)), 1.1 * max(max(predicted), max(measured))
     line = np.linspace(lo, hi, 2)
     ax.fill_between(line, 0.9 * line, 1.1 * line, color="0.9", label="±10%")
     ax.fill_between(line, 0.95 * line, 1.05 * line, color="0.8", label="±5%")
     ax.plot(line, line, "k-", lw=0.8)
-    ax.scatter(measured, predicted, s=14, color="C0", zorder=3)
+    groups = list(groups) if groups is not None else [""] * len(measured)
+    for i, name in enumerate(dict.fromkeys(groups)):
+        pick = [g == name for g in groups]
+        ax.scatter(np.asarray(measured)[pick], np.asarray(predicted)[pick], s=14, color=f"C{i}", zorder=3,
+                   label=name or None)
     ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured ms / batch", ylabel="predicted ms / batch", title=title)
+    ax.title.set_fontsize(8)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+
+
+STRATEGY_SETS = {"all": ("cait", "atme", "cdcp", "tome")}
 
 
 def validate_profile(
@@ -71,27 +79,32 @@ def validate_profile(
     progress: bool = True,
     strategy: Optional[str] = None,
 ) -> dict:
-    """Measure `configs` random configs end to end and score the profile's predictions; writes
-    `validation.json` and `validation.png` into `out` (default: the profile directory). With a
-    `strategy`, the configs come from that strategy's space (`validation-<strategy>.*`), e.g. to
-    check the ToMe predictions the equal-latency comparisons rest on."""
+    """Measure random configs end to end and score the profile's predictions; writes
+    `validation[-<strategy>].json` and `.png` into `out` (default: the profile directory).
+
+    Without `strategy` the configs come from the profile's own space; with one (cait, atme, cdcp,
+    tome) from that strategy's space; with "all", `configs` from each of the four, reported per
+    family as well as together, since a bias against one family silently steers the search."""
     if configs < 2:
         raise CaitsearchError("validation needs at least 2 configs.")
-    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
-    m = prof.manifest
+    if strategy is not None and strategy not in STRATEGY_SETS and strategy not in STRATEGIES:
+        raise CaitsearchError(f"--strategy must be one of {', '.join([*STRATEGIES, *STRATEGY_SETS])}, not '{strategy}'.")
     if seed == 0:
         raise CaitsearchError("seed 0 drew the configs the correction was fitted on; pick another --seed.")
+    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
+    m = prof.manifest
     model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
     prof.check_model(model)
-    space = SearchSpace(prof.spec, **m["space"])
-    if strategy is not None:
-        grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
-        space = SearchSpace.for_strategy(prof.spec, strategy, **grid)
+    grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
+    rng = random.Random(seed)
+    drawn: list[tuple[str, CompressionConfig]] = []
+    for name in STRATEGY_SETS.get(strategy, (strategy,)):
+        space = SearchSpace(prof.spec, **m["space"]) if name is None else SearchSpace.for_strategy(prof.spec, name, **grid)
+        drawn += [(name or space.strategy, space.random_config(rng)) for _ in range(configs)]
     res = QUICK if m.get("quick") else FULL
     be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
-    rng = random.Random(seed)
-    cfgs = [space.random_config(rng) for _ in range(configs)]
-    entries = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in cfgs]
+    space = SearchSpace(prof.spec, **m["space"])
+    entries = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for _, c in drawn]
     # the dense model is timed in every group: the shared machine drifts by a few percent over
     # minutes, and a config is judged by its latency relative to dense measured beside it
     dense = CompressionConfig.dense(prof.spec)
@@ -108,18 +121,22 @@ def validate_profile(
             rows += [{**r, "dense_ms": measured_group[-1]["median_ms"], "drift_factor": factor} for r in measured_group[:-1]]
             drift.append(factor)
             task.advance(len(group))
+    families = [name for name, _ in drawn]
     measured = [r["median_ms"] for r in rows]
     corrected = [r["median_ms"] * r["drift_factor"] for r in rows]
-    predicted = [prof.predict(c) for c in cfgs]
+    predicted = [prof.predict(c) for _, c in drawn]
     result = {**metrics(predicted, corrected), "absolute": metrics(predicted, measured),
               "dense_reference_ms": reference_ms, "drift_factor_range": [min(drift), max(drift)],
               "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
-              "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed,
-              "correction": {"scale": prof.scale, "exponent": prof.exponent}}
+              "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed, "factors": prof.summary()["factors"]}
+    if len(set(families)) > 1:
+        result["families"] = {name: metrics([p for p, f in zip(predicted, families) if f == name],
+                                            [c for c, f in zip(corrected, families) if f == name])
+                              for name in dict.fromkeys(families)}
     target = Path(out) if out else prof.path
-    per_config = [{"predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
+    per_config = [{"family": f, "predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
                    "drift_corrected_ms": c_ms, "p90_ms": r["p90_ms"], "spread": r["spread"], "config": c.to_dict()}
-                  for p, r, c_ms, c in zip(predicted, rows, corrected, cfgs)]
+                  for f, p, r, c_ms, (_, c) in zip(families, predicted, rows, corrected, drawn)]
     name = "validation" if strategy is None else f"validation-{strategy}"
     result["strategy"] = strategy
     result["plot"] = str(target / f"{name}.png")
@@ -129,5 +146,5 @@ def validate_profile(
              f"vs dense in the same run: MAPE {result['mape_pct']:.1f}%, ±5% {result['within_5pct']:.0%}, "
              f"±10% {result['within_10pct']:.0%}, ρ {result['spearman']:.3f}\n"
              f"absolute ms: MAPE {a['mape_pct']:.1f}%, ±5% {a['within_5pct']:.0%}, ±10% {a['within_10pct']:.0%}")
-    scatter_plot(target / f"{name}.png", predicted, corrected, title)
+    scatter_plot(target / f"{name}.png", predicted, corrected, title, families if len(set(families)) > 1 else None)
     return result
