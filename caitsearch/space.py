@@ -5,14 +5,16 @@ at or above `min_keep` of the original; a merge step removes at most half the li
 grid never shrinks below `min_lines` per axis. Because every reachable grid is known up front, a
 latency table can cover the token counts exactly.
 
-Optuna sees per block: `b{i}_axis` (none/cols/rows), `b{i}_merge` (a fraction of the lines left
-in [0, 0.5], turned into a count), `b{i}_qk`, `b{i}_v`, `b{i}_mlp` (keep widths from the choices).
-Fractions rather than counts keep every parameter's range static, which samplers need.
+This module is the only place that names Optuna parameters. Per block: `b{i}_merge`, one
+categorical choice that includes "none" (`"cols:2"` removes two grid columns; a count beyond what
+the block's grid allows is clamped to it), and `b{i}_qk`, `b{i}_v`, `b{i}_mlp`, categorical keep
+widths. The joint `cait` space first picks a family, `mix` in {prune, merge, joint}, and asks
+only for what that family changes: pure pruning, pure merging and their mixes are then equally
+easy to sample (with independent per-block choices, a pure-pruning draw took (1/3)^depth luck).
 
 A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
 by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only
-prunes, and `tome` is the ToMe baseline (axis none/tokens, the merge fraction of the tokens left
-giving the per-block r; no pruning).
+prunes, and `tome` is the ToMe baseline (merge choices "tokens:r", no pruning).
 """
 from __future__ import annotations
 
@@ -40,6 +42,21 @@ STRATEGIES = {
     "cdcp": (False, True, False),
     "tome": (True, False, True),
 }
+# the families of the joint space, and the strategy each one is on its own
+FAMILIES = {"prune": "cdcp", "merge": "atme", "joint": "cait"}
+NO_MERGE = "none"
+
+
+def merge_choice(axis: str, count: int) -> str:
+    """The categorical value of one block's merge: "none", or "<axis>:<count>"."""
+    return NO_MERGE if axis == MergeAxis.NONE or count == 0 else f"{axis}:{count}"
+
+
+def parse_merge_choice(choice: str) -> tuple[MergeAxis, int]:
+    if choice == NO_MERGE:
+        return MergeAxis.NONE, 0
+    axis, _, count = str(choice).partition(":")
+    return MergeAxis(axis), int(count)
 
 
 @dataclass(frozen=True)
@@ -99,18 +116,27 @@ class SearchSpace:
         """Most lines one step may remove from `lines` without going under `min_lines`."""
         return max(0, min(lines // 2, lines - self.min_lines))
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The joint space's families (sampled first, as `mix`); a single strategy has none."""
+        return tuple(FAMILIES) if self.merge and self.prune and len(self.axes) > 1 else ()
+
+    def merge_choices(self) -> list[str]:
+        """Every block's merge options: none, or an axis and a count up to half the full grid's lines."""
+        H, W = self.spec.grid
+        return [NO_MERGE] + [merge_choice(axis, k) for axis in self.axes[1:]
+                             for k in range(1, lines_along(axis, H, W) // 2 + 1)]
+
     def config_from_params(self, params: Mapping[str, object]) -> CompressionConfig:
-        """Build the config an Optuna trial's parameters describe (missing ones mean 'dense')."""
+        """Build the config an Optuna trial's parameters describe (missing ones mean 'dense');
+        a merge count beyond what a block's grid allows is clamped to it."""
         s = self.spec
         h, w = s.grid
         blocks = []
         for i in range(s.depth):
-            axis = MergeAxis(params.get(f"b{i}_axis", MergeAxis.NONE))
-            lines = lines_along(axis, h, w)
-            count = int(float(params.get(f"b{i}_merge", 0.0)) * lines)
-            count = min(count, self.max_merge(lines))
-            if count == 0:
-                axis = MergeAxis.NONE
+            axis, count = parse_merge_choice(str(params.get(f"b{i}_merge", NO_MERGE)))
+            count = min(count, self.max_merge(lines_along(axis, h, w)))
+            axis = axis if count else MergeAxis.NONE
             h, w = after_merge(axis, count, h, w)
             blocks.append(BlockConfig(
                 keep_qk=int(params.get(f"b{i}_qk", s.head_dim)),
@@ -120,45 +146,60 @@ class SearchSpace:
             ))
         return CompressionConfig(model=s.name, img_size=s.img_size, blocks=blocks)
 
+    def _changes(self, family: Optional[str]) -> tuple[bool, bool]:
+        """(merges, prunes) that points of `family` may change (the strategy's own without one)."""
+        if family is None:
+            return len(self.axes) > 1, self.prune
+        return family in ("merge", "joint"), family in ("prune", "joint")
+
     def suggest(self, trial) -> CompressionConfig:
-        """Ask an Optuna trial for one point of the space."""
+        """Ask an Optuna trial for one point of the space (define-by-run: a family first, then only
+        the parameters it changes)."""
+        family = trial.suggest_categorical("mix", list(self.families)) if self.families else None
+        merges, prunes = self._changes(family)
         params = {}
         for i in range(self.spec.depth):
-            if len(self.axes) > 1:
-                params[f"b{i}_axis"] = trial.suggest_categorical(f"b{i}_axis", list(self.axes))
-                params[f"b{i}_merge"] = trial.suggest_float(f"b{i}_merge", 0.0, 0.5)
-            if self.prune:
+            if merges:
+                params[f"b{i}_merge"] = trial.suggest_categorical(f"b{i}_merge", self.merge_choices())
+            if prunes:
                 params[f"b{i}_qk"] = trial.suggest_categorical(f"b{i}_qk", self.qk_choices)
                 params[f"b{i}_v"] = trial.suggest_categorical(f"b{i}_v", self.v_choices)
                 params[f"b{i}_mlp"] = trial.suggest_categorical(f"b{i}_mlp", self.mlp_choices)
         return self.config_from_params(params)
 
+    def family_of(self, config: CompressionConfig) -> str:
+        """"prune", "merge" or "joint" by what `config` changes (dense counts as pruning nothing)."""
+        s = self.spec
+        merges = any(b.merge_count for b in config.blocks)
+        prunes = any((b.keep_qk, b.keep_v, b.keep_mlp) != (s.head_dim, s.head_dim, s.mlp_hidden) for b in config.blocks)
+        return "joint" if merges and prunes else "merge" if merges else "prune"
+
     def params_of(self, config: CompressionConfig) -> dict:
         """Optuna parameters that reproduce `config` (for enqueueing warm starts)."""
-        s = self.spec
-        h, w = s.grid
-        params = {}
+        family = self.family_of(config) if self.families else None
+        merges, prunes = self._changes(family)
+        params = {"mix": family} if family else {}
         for i, b in enumerate(config.blocks):
-            if len(self.axes) > 1:
-                params[f"b{i}_axis"] = b.merge_axis
-                # the middle of the interval that floors to this count
-                lines = lines_along(b.merge_axis, h, w)
-                params[f"b{i}_merge"] = min(0.5, (b.merge_count + 0.5) / lines) if b.merge_count else 0.0
-                h, w = after_merge(b.merge_axis, b.merge_count, h, w)
-            if self.prune:
+            if merges:
+                params[f"b{i}_merge"] = merge_choice(b.merge_axis, b.merge_count)
+            if prunes:
                 params.update({f"b{i}_qk": b.keep_qk, f"b{i}_v": b.keep_v, f"b{i}_mlp": b.keep_mlp})
         return params
 
-    def random_config(self, rng: random.Random, merge_prob: float = 0.5) -> CompressionConfig:
-        """A random point of the space, for predictor validation and tests."""
+    def random_config(self, rng: random.Random, family: Optional[str] = None) -> CompressionConfig:
+        """A random point of the space (of one `family` of the joint space if given, else of a
+        family drawn uniformly), for predictor validation and tests."""
+        if family is None and self.families:
+            family = rng.choice(self.families)
+        merges, prunes = self._changes(family)
         params = {}
         for i in range(self.spec.depth):
-            if len(self.axes) > 1 and rng.random() < merge_prob:
-                params[f"b{i}_axis"] = rng.choice(self.axes[1:])
-                params[f"b{i}_merge"] = rng.uniform(0.0, 0.5)
-            params[f"b{i}_qk"] = rng.choice(self.qk_choices)
-            params[f"b{i}_v"] = rng.choice(self.v_choices)
-            params[f"b{i}_mlp"] = rng.choice(self.mlp_choices)
+            if merges:
+                params[f"b{i}_merge"] = rng.choice(self.merge_choices())
+            if prunes:
+                params[f"b{i}_qk"] = rng.choice(self.qk_choices)
+                params[f"b{i}_v"] = rng.choice(self.v_choices)
+                params[f"b{i}_mlp"] = rng.choice(self.mlp_choices)
         return self.config_from_params(params)
 
     def refuses(self, config: CompressionConfig) -> Optional[str]:
@@ -170,6 +211,11 @@ class SearchSpace:
             if not self.prune and (b.keep_qk, b.keep_v, b.keep_mlp) != (s.head_dim, s.head_dim, s.mlp_hidden):
                 return f"block {i} prunes channels, which {self.strategy} does not"
         return None
+
+    def subspace(self, family: str) -> "SearchSpace":
+        """The joint space restricted to one family: the strategy that family is on its own."""
+        return SearchSpace.for_strategy(self.spec, FAMILIES[family], head_multiple=self.head_multiple,
+                                        mlp_multiple=self.mlp_multiple, min_keep=self.min_keep, min_lines=self.min_lines)
 
     def uniform_schedules(self, fine: bool = False) -> list[CompressionConfig]:
         """The strategy's simple schedules, as this space expresses them: warm starts for the
@@ -191,12 +237,14 @@ class SearchSpace:
 
     def extreme_config(self, width_at: float, merge: float) -> CompressionConfig:
         """Every block at the width choice `width_at` of the way from narrowest (0) to full (1),
-        merging the fraction `merge` of its lines, axes alternating: the space's corners."""
+        merging the fraction `merge` of the full grid's lines (clamped to what is left), axes
+        alternating: the space's corners."""
+        H, W = self.spec.grid
         params = {}
         for i in range(self.spec.depth):
             if len(self.axes) > 1:
-                params[f"b{i}_axis"] = self.axes[1 + i % (len(self.axes) - 1)]
-                params[f"b{i}_merge"] = merge
+                axis = self.axes[1 + i % (len(self.axes) - 1)]
+                params[f"b{i}_merge"] = merge_choice(axis, int(merge * lines_along(axis, H, W)))
             for key, choices in (("qk", self.qk_choices), ("v", self.v_choices), ("mlp", self.mlp_choices)):
                 params[f"b{i}_{key}"] = choices[round(width_at * (len(choices) - 1))]
         return self.config_from_params(params)

@@ -63,8 +63,11 @@ def worker_seed(seed: int, url: str) -> int:
 def make_sampler(name: str, seed: Optional[int], n_trials: int = 100) -> optuna.samplers.BaseSampler:
     """A constraint-aware sampler (CMA-ES and GP are left out: CMA-ES ignores constraints and
     categorical parameters, the space is mostly categorical)."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, n_trials // 4)))
+    if name == "tpe":  # group: the joint space is define-by-run (a family, then only its parameters)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              n_startup_trials=min(max(10, n_trials // 10), max(2, n_trials // 4)))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, n_trials // 4)))
     if name == "random":
@@ -201,13 +204,14 @@ def make_objective(space: SearchSpace, proxy: AccuracyProxy, predict_ms: Callabl
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
-               on_trial: Optional[Callable[[int], None]] = None) -> int:
+               on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None) -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
-    earlier runs'); return how many this call finished."""
+    earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
     try:
-        while count(study) + count(study, (TrialState.RUNNING,)) < n_trials:
+        while count(study) + count(study, (TrialState.RUNNING,)) < n_trials and (
+                deadline is None or time.monotonic() < deadline):
             before = count(study)
             study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=False)
             torch.set_num_threads(threads)
