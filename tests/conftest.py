@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# search settings small enough for a test: a few hundred images, one epoch, two finalists tuned for two steps
+TINY = ["--calib-size", "256", "--proxy-size", "64", "--val-size", "256", "--train-limit", "512", "--test-limit", "256",
+        "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128",
+        "--finalists", "2", "--tune-steps", "2", "--minutes", "0"]
 
 
 def run_cli(*args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:

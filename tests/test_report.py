@@ -16,10 +16,8 @@ from PIL import Image, ImageStat
 
 from caitsearch.report import load_run, pareto_mask
 
-from conftest import assert_one_line_error, run_cli
+from conftest import TINY, assert_one_line_error, run_cli
 
-TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
-        "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,8 @@ def test_report_renders_every_format_and_recommends_the_most_accurate_within_bud
     summary = json.loads((search_run / "summary.json").read_text())
     cands = summary["candidates"]
     assert cands, "the fixture run should have a candidate within budget"
-    best = max(cands, key=lambda c: (c["accuracy"], -c["latency_ms"]))
+    # chosen on the validation split (retrained first), never on test
+    best = max(cands, key=lambda c: (c["retrained"], c["val_accuracy"], -c["latency_ms"]))
     assert written["recommended"]["trial"] == best["trial"]
     for name in ["tradeoff.png", *[f"schedule-trial-{c['trial']}.png" for c in cands]]:
         _png_ok(out / name)
@@ -187,3 +186,21 @@ def test_not_a_run_folder_is_refused(tmp_path):
 
     with pytest.raises(CaitsearchError, match="not a caitsearch run folder"):
         load_run(tmp_path)
+
+
+def test_deploy_follows_validation_not_test(search_run, tmp_path):
+    """A run where the two splits disagree: the candidate best on validation is deployed, even
+    though another scores higher on test."""
+    run = _copy(search_run, tmp_path / "disagree")
+    summary = json.loads((run / "summary.json").read_text())
+    first = summary["candidates"][0]
+    other = {**first, "trial": first["trial"] + 1000, "val_accuracy": first["val_accuracy"] - 0.05,
+             "accuracy": first["accuracy"] + 0.05, "retrained": True}
+    first.update(retrained=True)
+    summary["candidates"] = [first, other]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert load_run(run).recommended["trial"] == first["trial"]
+    res = run_cli("report", run, "--format", "md,json", "--out", tmp_path / "rep", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["recommended"]["trial"] == first["trial"]
+    assert f"Deploy trial {first['trial']}" in (tmp_path / "rep" / "report.md").read_text()

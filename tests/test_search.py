@@ -25,12 +25,10 @@ from caitsearch.search import (
 )
 from caitsearch.space import SearchSpace
 
-from conftest import assert_one_line_error, run_cli
+from conftest import TINY, assert_one_line_error, run_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
-        "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
 
 
 def _study(url: str, name: str = "search") -> optuna.Study:
@@ -243,3 +241,92 @@ def test_bad_budgets_and_foreign_profile_exit_2_with_one_line(tmp_path, quick_pr
     res = run_cli("search", "--profile", quick_profile, "--out", tmp_path / "run", *extra)
     assert_one_line_error(res, message)
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+def test_pure_pruning_is_reachable_and_warm_started_in_the_joint_space(tmp_path, quick_profile):
+    from collections import Counter
+
+    from caitsearch.profile import LatencyProfile
+    from caitsearch.search.pipeline import warm_starts
+    from caitsearch.search.request import Budget
+
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    space = SearchSpace.for_strategy(spec, "cait")
+    rng = __import__("random").Random(0)
+    families = Counter(space.family_of(space.random_config(rng)) for _ in range(600))
+    assert families["prune"] >= 150 and families["merge"] >= 150  # about a third each, not (1/3)^depth
+    prof = LatencyProfile.load(quick_profile)
+    budget = Budget(ratio=0.6, ms=0.6 * prof.dense_ms)
+    warm = warm_starts(space, prof.predict, budget)
+    assert warm and all(prof.predict(c) <= budget.ms for c in warm)
+    assert space.family_of(warm[0]) == "prune"  # the best uniform pruning schedule leads
+    # enqueued, they are the study's first trials, exactly as built
+    torch.manual_seed(0)
+    model = create_model(DEFAULT_MODEL)
+    proxy = AccuracyProxy(model, torch.randn(16, 1, 32, 32), torch.randn(16, 1, 32, 32))
+    study, _ = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", make_sampler("tpe", 0, 20), {"x": 1})
+    enqueue_warm_starts(study, space, warm)
+    run_trials(study, make_objective(space, proxy, prof.predict, budget.ms, len(warm)), len(warm))
+    firsts = [CompressionConfig.from_dict(t.user_attrs["config"]) for t in study.trials[:len(warm)]]
+    assert firsts == warm and study.trials[0].params["mix"] == "prune"
+
+
+@pytest.mark.slow
+def test_a_short_run_says_it_cut_the_final_retraining_and_warns_of_a_weak_teacher(tmp_path, quick_profile):
+    from caitsearch.io import save_weights
+
+    weak = tmp_path / "weak.safetensors"  # an untrained teacher: near chance on the validation split
+    torch.manual_seed(0)
+    save_weights(create_model(DEFAULT_MODEL), weak)
+    run = tmp_path / "run"
+    res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", weak, "--trials", "6",
+                  "--out", run, *TINY, "--minutes", "0.2", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert "near chance" in summary["teacher"]["warning"] and "near chance" in res.stderr
+    plan = summary["final_retraining"][0]
+    assert plan["limited_by"] == "--minutes 0.2" and 1 <= plan["steps"] < plan["full_steps"]
+    assert summary["candidates"][0]["steps"] == plan["steps"]
+    rep = run_cli("report", run, "--format", "md", "--out", tmp_path / "rep")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "to fit --minutes 0.2" in md and "Weak teacher" in md
+
+
+@pytest.mark.slow
+def test_short_fine_tunes_resume_after_sigkill_without_repeating_a_finished_rung(tmp_path, quick_profile,
+                                                                                dense_checkpoint):
+    run = tmp_path / "run"
+    args = ["search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint, "--trials", "12",
+            "--out", run, *TINY, "--finalists", "4", "--tune-steps", "6", "--batch-size", "32", "--no-progress"]
+    url = f"sqlite:///{run / 'ranking.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "caitsearch", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reported: dict = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="search:rank", storage=url).get_trials()
+        except Exception:  # not created yet
+            continue
+        reported = {t.user_attrs["candidate"]: dict(t.intermediate_values) for t in trials if t.intermediate_values}
+        if len(reported) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before its fine-tunes could be killed"
+    states = {c: run / "candidates" / f"trial-{c}" / "tune" / "state.pt" for c in reported}
+    stamps = {c: p.stat().st_mtime_ns for c, p in states.items()}
+    res = run_cli(*args, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ranking = {r["trial"]: r for r in json.loads(res.stdout)["ranking"]["candidates"]}
+    for c, values in reported.items():  # every rung reported before the kill is kept as it was
+        assert all(ranking[c]["val_at"][str(step)] == v for step, v in values.items())
+        reached = max(int(s) for s in ranking[c]["val_at"])
+        if reached == max(values):  # not promoted after the resume: its fine-tune was not touched again
+            assert states[c].stat().st_mtime_ns == stamps[c]
+        else:
+            assert torch.load(states[c], weights_only=True)["step"] == reached
+    trials = optuna.load_study(study_name="search:rank", storage=url).get_trials()
+    assert sum(t.state == TrialState.RUNNING for t in trials) == 0

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..console import out
+from ..console import out, say
+from ..search.request import DEFAULT_MINUTES
 from .app import app, emit_json
 from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from .options import (
@@ -29,14 +30,23 @@ def search(
     checkpoint: CheckpointOpt = None,
     data: Annotated[str, typer.Option(
         "--data", help="'fashion-mnist' or an ImageFolder directory with train/ and val/.")] = "fashion-mnist",
-    trials: Annotated[int, typer.Option("--trials", min=1, help="Total trials of the study (resumes and workers stop at this).")] = 40,
+    trials: Annotated[Optional[int], typer.Option(
+        "--trials", min=1, help="Total trials of the study, across resumes and workers (default: 8 per parameter, 100-400; a trial takes well under a second).")] = None,
+    search_minutes: Annotated[Optional[float], typer.Option(
+        "--search-minutes", help="Stop sampling trials after this many minutes, even below --trials.")] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe, nsga2 or random (all honour the budget constraint).")] = "tpe",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler, data splits and retraining.")] = 0,
     storage: Annotated[Optional[str], typer.Option(
         "--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite in --out).")] = None,
     study_name: Annotated[str, typer.Option("--study-name", help="Study name inside the storage.")] = "search",
-    retrain_top: Annotated[int, typer.Option("--retrain-top", min=0, help="Retrain this many best candidates with distillation.")] = 1,
+    finalists: Annotated[int, typer.Option(
+        "--finalists", min=0, help="Candidates that get a short fine-tune, halved by validation accuracy at every rung (0: rank by the proxy alone).")] = 8,
+    tune_steps: Annotated[int, typer.Option(
+        "--tune-steps", min=1, help="Optimizer steps of the first rung of short fine-tunes; each later rung doubles the total.")] = 25,
+    retrain_top: Annotated[int, typer.Option("--retrain-top", min=0, help="Fully retrain this many best candidates with distillation.")] = 1,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Retraining epochs (and dense training epochs without --checkpoint).")] = 6,
+    minutes: Annotated[float, typer.Option(
+        "--minutes", help="Wall-time budget of the whole run: the final retraining is cut to the whole steps that fit what is left (0: no limit, the full --epochs).")] = DEFAULT_MINUTES,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training and evaluation batch size.")] = 128,
     calib_size: CalibOpt = CALIB_SIZE,
     proxy_size: ProxySizeOpt = PROXY_SIZE,
@@ -52,9 +62,17 @@ def search(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, retrain and report the best candidates.
+    """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, rank, retrain and report the best candidates.
 
-    Each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on calibration images (KL and top-1 agreement). The best feasible candidates are then timed against the dense model on this machine, the top --retrain-top retrained with distillation and evaluated on the test split. Everything lands in --out: summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command again to resume after an interruption.
+    1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space samples pure pruning, pure merging and their mixes equally often, and starts from each family's best uniform schedule.
+
+    2. Measure: the --finalists best (always with the best pure-pruning and the best merge-heavy one) are timed against the dense model on this machine; over-budget ones drop out.
+
+    3. Rank: short distillation fine-tunes (--tune-steps, doubling per rung), scored on the validation split, keep the better half at every rung.
+
+    4. Retrain: the best --retrain-top are retrained fully (cut to fit --minutes) and evaluated; the one to deploy is the most accurate on the validation split, and its test accuracy is reported, never used to choose.
+
+    Everything lands in --out: summary.json, results.parquet/.csv, trials.parquet, ranking.parquet, candidates/trial-N/. Run the same command again to resume after an interruption.
 
     Examples:
 
@@ -70,7 +88,7 @@ def search(
 
     from ..models import DEFAULT_MODEL
     from ..search import (
-        BudgetRequest, DataRequest, MeasureRequest, SearchRequest, StudyRequest, run_search,
+        BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest, run_search,
     )
     from ..training import Recipe
 
@@ -83,11 +101,12 @@ def search(
         out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
         data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
                          train_limit=train_limit, test_limit=test_limit),
-        study=StudyRequest(trials=trials, sampler=sampler, storage=storage, name=study_name),
+        study=StudyRequest(trials=trials, minutes=search_minutes, sampler=sampler, storage=storage, name=study_name),
+        rank=RankRequest(finalists=finalists, tune_steps=tune_steps),
         measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
                                allow_foreign_profile=allow_foreign_profile),
         recipe=Recipe(epochs=epochs, batch_size=batch_size, seed=seed),
-        retrain_top=retrain_top, progress=not no_progress and not as_json, echo=not as_json,
+        retrain_top=retrain_top, minutes=minutes, progress=not no_progress and not as_json, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:
@@ -96,14 +115,26 @@ def search(
     dense = summary["dense"]
     t = Table(title=f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
                     f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
-    for col in ("", "accuracy", "measured ms", "predicted ms", "speedup", "retrained"):
+    for col in ("", "family", "val acc", "test acc", "measured ms", "predicted ms", "speedup", "retrained"):
         t.add_column(col, justify="right")
-    t.add_row("dense", f"{dense['accuracy']:.2%}", f"{dense['latency_ms']:.3g}", f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
-    for c in summary["candidates"]:
-        t.add_row(f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.3g}",
-                  f"{c['predicted_latency_ms']:.3g}", f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
+    t.add_row("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
+              f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
+    for i, c in enumerate(summary["candidates"]):
+        t.add_row(("DEPLOY " if i == 0 else "") + f"trial {c['trial']}", c.get("family", ""), _pct(c["val_accuracy"]),
+                  _pct(c["accuracy"]), f"{c['latency_ms']:.3g}", f"{c['predicted_latency_ms']:.3g}",
+                  f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
     out.print(t)
+    for plan in summary.get("final_retraining", []):
+        if plan.get("limited_by"):
+            say(f"trial {plan['trial']} was retrained for {plan['steps']} of {plan['full_steps']} steps to fit "
+                f"{plan['limited_by']} (about {plan['step_seconds']:.2f} s per step); --minutes 0 runs all {plan['epochs']} epochs.")
+    if summary.get("teacher", {}).get("warning"):
+        say(f"warning: {summary['teacher']['warning']}")
     if not summary["candidates"]:
         out.print(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
                   "raise the budget, run more --trials or re-profile this machine.")
     out.print(f"results in {out_dir}/summary.json and {out_dir}/results.csv")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2%}"

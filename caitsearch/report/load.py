@@ -88,11 +88,25 @@ class Run:
         return (self.summary or {}).get("dense")
 
     @property
+    def chosen_on_validation(self) -> bool:
+        """Runs since the validation split choose by validation accuracy; older ones chose by test accuracy."""
+        return (self.summary or {}).get("selection") == "val_accuracy"
+
+    @property
     def recommended(self) -> Optional[dict]:
-        """The most accurate candidate measured within budget (faster one on a tie)."""
+        """The candidate to deploy: among those measured within budget (retrained ones first), the
+        most accurate on the validation split, the faster one on a tie. Test accuracy is reported,
+        never used to choose (runs from before the validation split chose by it; a note says so)."""
         if not self.candidates:
             return None
+        if self.chosen_on_validation:
+            return max(self.candidates, key=lambda c: (bool(c.get("retrained")), c["val_accuracy"], -c["latency_ms"]))
         return max(self.candidates, key=lambda c: (c["accuracy"], -c["latency_ms"]))
+
+    @cached_property
+    def ranking(self) -> pd.DataFrame:
+        """The finalists' short fine-tunes: validation accuracy per rung (empty when none ran)."""
+        return RunFolder(self.path).read_ranking()
 
     def candidate_params(self, candidate: dict) -> Optional[int]:
         """Parameter count of a candidate's saved weights, read from the safetensors header only."""
@@ -190,6 +204,18 @@ def load_run(path: Path, storage: Optional[str] = None, study_name: Optional[str
 def _notes(run: Run) -> list[str]:
     """Sentences about what is missing or unusual, shown at the top of the report."""
     notes = []
+    summary = run.summary or {}
+    teacher = summary.get("teacher") or {}
+    if teacher.get("warning"):
+        notes.append(f"Weak teacher: {teacher['warning']}")
+    for plan in summary.get("final_retraining", []):
+        if plan.get("limited_by"):
+            notes.append(f"Trial {plan['trial']} was retrained for {plan['steps']} of the recipe's {plan['full_steps']} "
+                         f"steps ({plan['steps'] / plan['full_steps'] * plan['epochs']:.2f} of {plan['epochs']} epochs) "
+                         f"to fit {plan['limited_by']}, at {plan['step_seconds']:.2f} s per step measured here; "
+                         "`--minutes 0` runs the full recipe.")
+    if run.summary is not None and run.candidates and not run.chosen_on_validation:
+        notes.append("This run predates the validation split: its candidate was chosen by test accuracy.")
     states = run.trials["state"].value_counts() if not run.trials.empty else pd.Series(dtype=int)
     for state, word in (("FAIL", "failed"), ("PRUNED", "were pruned"), ("RUNNING", "are running or were interrupted")):
         if states.get(state, 0):

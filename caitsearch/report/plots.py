@@ -65,8 +65,9 @@ def tradeoff_figure(run: Run) -> Figure:
                     zorder=5)
         top.autoscale_view()
         x, y = top.transAxes.inverted().transform(top.transData.transform((rec["latency_ms"], rec["accuracy"])))
+        chosen = "best validation accuracy" if run.chosen_on_validation else "best test accuracy (older run)"
         top.annotate(f"DEPLOY trial {rec['trial']}\n{rec['accuracy']:.1%} test acc, {rec['speedup']:.2f}x faster than dense\n"
-                     f"(most accurate within budget)", (rec["latency_ms"], rec["accuracy"]),
+                     f"({chosen} within budget)", (rec["latency_ms"], rec["accuracy"]),
                      xytext=(0.55 if x < 0.5 else 0.04, 0.45 if y > 0.5 else 0.8), textcoords="axes fraction",
                      va="center", fontsize=10, fontweight="bold", color="tab:blue",
                      arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.5),
@@ -166,9 +167,38 @@ def compare_figure(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+def ranking_figure(run: Run) -> Optional[Figure]:
+    """Each finalist's validation accuracy through the fidelities: short fine-tune rungs, then
+    (for the retrained ones) the full retraining; a line that stops was halved out there."""
+    ranking = run.ranking
+    if ranking.empty:
+        return None
+    rungs = sorted((int(c.removeprefix("val_at_")), c) for c in ranking.columns if c.startswith("val_at_"))
+    final = {c["trial"]: c.get("val_accuracy") for c in run.candidates if c.get("retrained")}
+    labels = [f"{steps} steps" for steps, _ in rungs] + ["full retraining"]
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    markers = {"prune": "^", "merge": "s", "joint": "o"}
+    for i, row in ranking.iterrows():
+        ys = [row[col] for _, col in rungs] + [final.get(row["trial"])]
+        xs = [x for x, y in enumerate(ys) if y is not None and y == y]
+        ys = [y for y in ys if y is not None and y == y]
+        ax.plot(xs, ys, marker=markers.get(row.get("family"), "o"), color=f"C{i % 10}",
+                label=f"trial {row['trial']} ({row.get('family')})")
+    ax.set(xticks=range(len(labels)), xticklabels=labels, ylabel="validation accuracy",
+           title="finalists through the fidelities (a line stops where halving dropped it)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def figures_for(run: Run, out: Path) -> dict[str, Path]:
-    """Write the trade-off plot and one schedule picture per candidate; returns name -> PNG path."""
+    """Write the trade-off plot, the ranking plot and one schedule picture per candidate; returns name -> PNG path."""
     paths = {"tradeoff": save(tradeoff_figure(run), out / "tradeoff.png")}
+    ranking = ranking_figure(run)
+    if ranking is not None:
+        paths["ranking"] = save(ranking, out / "ranking.png")
     spec: Optional[ModelSpec] = run.spec
     for c in run.candidates:
         cfg = CompressionConfig.from_dict(c["config"])

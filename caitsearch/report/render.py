@@ -41,8 +41,8 @@ def candidates_table(run: Run) -> pd.DataFrame:
         macs = CompressionConfig.from_dict(c["config"]).macs(run.spec)
         timing = c.get("timing", {})
         rows.append({
-            "trial": c["trial"], "recommended": c is run.recommended, "within_budget": True,
-            "retrained": bool(c.get("retrained")), "test_accuracy": c["accuracy"],
+            "trial": c["trial"], "recommended": c is run.recommended, "within_budget": True, "family": c.get("family"),
+            "retrained": bool(c.get("retrained")), "val_accuracy": c.get("val_accuracy"), "test_accuracy": c["accuracy"],
             "accuracy_vs_dense": c["accuracy"] - dense["accuracy"] if dense else None,
             "latency_p50_ms": c["latency_ms"], "latency_p90_ms": timing.get("p90_ms"),
             "speedup": c["speedup"], "macs": macs["total"], "mac_ratio": macs["total"] / dense_macs,
@@ -57,7 +57,8 @@ def candidates_table(run: Run) -> pd.DataFrame:
                 "predicted_ms": r["predicted_latency_ms"], "prediction_error": r["predicted_latency_ms"] / r["latency_ms"] - 1,
                 "proxy_agreement": r.get("proxy_agreement"),
             })
-    columns = ["trial", "recommended", "within_budget", "retrained", "test_accuracy", "accuracy_vs_dense",
+    columns = ["trial", "recommended", "within_budget", "family", "retrained", "val_accuracy", "test_accuracy",
+               "accuracy_vs_dense",
                "latency_p50_ms", "latency_p90_ms", "speedup", "macs", "mac_ratio", "params", "predicted_ms",
                "prediction_error", "proxy_agreement"]
     return pd.DataFrame(rows, columns=columns)
@@ -68,7 +69,8 @@ def _fmt(column: str, v) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if column in ("test_accuracy", "accuracy", "dense_accuracy", "prediction_error", "accuracy_vs_dense", "proxy_agreement"):
+    if column in ("test_accuracy", "accuracy", "dense_accuracy", "prediction_error", "accuracy_vs_dense",
+                  "proxy_agreement", "val_accuracy", "final_val_accuracy", "final_test_accuracy") or column.startswith("val_at_"):
         return f"{v:+.1%}" if column in ("prediction_error", "accuracy_vs_dense") else f"{v:.1%}"
     if column in ("macs", "params"):
         return f"{v / 1e6:.2f} M"
@@ -145,16 +147,27 @@ def report_blocks(run: Run, figures: dict[str, Path], table: pd.DataFrame) -> li
     rec, dense, budget = run.recommended, run.dense, run.budget or {}
     blocks: list[Block] = [("h1", f"caitsearch report: {run.name}")]
     if rec and dense:
+        chosen = ("the most accurate on the validation split" if run.chosen_on_validation
+                  else "the most accurate on the test split (a run from before the validation split)")
         blocks.append(("p", f"Deploy trial {rec['trial']}: {rec['accuracy']:.1%} test accuracy "
                             f"({rec['accuracy'] - dense['accuracy']:+.1%} vs dense {dense['accuracy']:.1%}) at "
-                            f"{rec['latency_ms']:.3g} ms, {rec['speedup']:.2f}x faster than dense, the most accurate "
-                            f"candidate measured within the budget of {budget.get('ratio', float('nan')):.2f}x dense. "
+                            f"{rec['latency_ms']:.3g} ms, {rec['speedup']:.2f}x faster than dense: of the candidates "
+                            f"measured within the budget of {budget.get('ratio', float('nan')):.2f}x dense, {chosen}. "
                             f"Its folder: {rec.get('path', '')}"))
     blocks += [("note", n) for n in run.notes]
     blocks += [("h2", "Latency and accuracy"), ("img", figures["tradeoff"])]
     blocks += [("h2", "Candidates"), ("table", table)]
     if table.empty:
         blocks.append(("p", "No candidate was re-measured."))
+    ranking = ranking_table(run)
+    if not ranking.empty:
+        blocks += [("h2", "Ranking: proxy, short fine-tunes, full retraining"),
+                   ("p", "The untrained proxy only screens. The finalists were fine-tuned briefly with the search's "
+                         "recipe, scored on the validation split, and halved at every rung; the best were then "
+                         "retrained fully. Test accuracy is shown for the retrained ones, never used to choose.")]
+        if "ranking" in figures:
+            blocks.append(("img", figures["ranking"]))
+        blocks.append(("table", ranking))
     schedules = [p for k, p in figures.items() if k.startswith("schedule-")]
     if schedules:
         blocks.append(("h2", "Per-block schedules"))
@@ -162,6 +175,19 @@ def report_blocks(run: Run, figures: dict[str, Path], table: pd.DataFrame) -> li
     blocks += [("h2", "Environment"), ("p", "Latencies hold for this device, batch size and dtype only."),
                ("table", _kv_table(run.environment())), ("h2", "Reproduce"), ("code", run.commands())]
     return blocks
+
+
+def ranking_table(run: Run) -> pd.DataFrame:
+    """One row per finalist: proxy, validation accuracy at each rung, and the final accuracies."""
+    ranking = run.ranking
+    if ranking.empty:
+        return ranking
+    final = {c["trial"]: c for c in run.candidates if c.get("retrained")}
+    rungs = [c for c in ranking.columns if c.startswith("val_at_")]
+    frame = ranking[["rank", "trial", "family", "proxy_kl", *rungs, "survived"]].copy()
+    frame["final_val_accuracy"] = [final.get(t, {}).get("val_accuracy") for t in frame["trial"]]
+    frame["final_test_accuracy"] = [final.get(t, {}).get("accuracy") for t in frame["trial"]]
+    return frame
 
 
 def report_json(run: Run, table: pd.DataFrame) -> dict:

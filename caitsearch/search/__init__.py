@@ -2,7 +2,7 @@
 the pipeline of named stages that re-measures, retrains and summarises the best candidates."""
 from .pipeline import run_search
 from .proxy import AccuracyProxy, ProxyScore, stack_images
-from .request import Budget, BudgetRequest, DataRequest, MeasureRequest, SearchRequest, StudyRequest
+from .request import Budget, BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest
 from .run_folder import RunFolder, trial_rows
 from .schedule import strategy_config
 from .study import (
@@ -11,7 +11,7 @@ from .study import (
 )
 
 __all__ = [
-    "AccuracyProxy", "Budget", "BudgetRequest", "DataRequest", "MeasureRequest", "ProxyScore", "RunFolder",
+    "AccuracyProxy", "Budget", "BudgetRequest", "DataRequest", "MeasureRequest", "ProxyScore", "RankRequest", "RunFolder",
     "SAMPLERS", "SearchRequest", "StudyRequest", "count", "driver_url", "enqueue_warm_starts",
     "exclusive", "fail_orphans", "feasible_trials", "make_objective", "make_sampler", "open_study", "run_search",
     "run_trials", "stack_images", "strategy_config", "trial_rows", "worker_seed",

@@ -28,6 +28,15 @@ class Measured:
     within_budget: bool
     timing: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return {"trial": self.trial, "config": self.config.to_dict(), "proxy": self.proxy,
+                "predicted_ms": self.predicted_ms, "latency_ms": self.latency_ms,
+                "within_budget": self.within_budget, "timing": self.timing}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Measured":
+        return cls(**{**data, "config": CompressionConfig.from_dict(data["config"])})
+
 
 def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, batch_size: int,
               device: torch.device, dtype: torch.dtype, calib: torch.Tensor, repeats: int = 15,

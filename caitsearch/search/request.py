@@ -12,6 +12,11 @@ from ..errors import CaitsearchError
 from ..training import Recipe
 
 
+# README's main job must finish within 20 minutes on any 2-core machine: the final retraining is cut
+# to whole steps that fit what is left of this (stated in the output, summary and report)
+DEFAULT_MINUTES = 18.0
+
+
 @dataclass(frozen=True)
 class Budget:
     """A latency budget, as a fraction of dense and in ms per batch at the profile's batch size."""
@@ -67,10 +72,30 @@ class DataRequest:
 
 @dataclass(frozen=True)
 class StudyRequest:
-    trials: int = 40  # total for the study, across resumes and workers
+    trials: Optional[int] = None  # total for the study, across resumes and workers (default: sized to the space)
+    minutes: Optional[float] = None  # stop sampling after this long, even below `trials`
     sampler: str = "tpe"
     storage: Optional[str] = None  # default: sqlite in the run folder
     name: str = "search"
+
+    def __post_init__(self) -> None:
+        if self.trials is not None and self.trials < 1:
+            raise CaitsearchError(f"--trials must be at least 1, not {self.trials}.")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise CaitsearchError(f"--search-minutes must be a positive number of minutes, not {self.minutes:g}.")
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """The multi-fidelity stage (`search.rank`): how many finalists get a short fine-tune, and how long."""
+
+    finalists: int = 8
+    tune_steps: int = 25  # optimizer steps of the first rung; each later rung doubles the total
+    eta: int = 2  # successive halving keeps 1/eta per rung
+
+    def __post_init__(self) -> None:
+        if self.finalists < 0 or self.tune_steps < 1 or self.eta < 2:
+            raise CaitsearchError("--finalists must be >= 0, --tune-steps >= 1 (and the halving factor >= 2).")
 
 
 @dataclass(frozen=True)
@@ -98,15 +123,17 @@ class SearchRequest:
     measure: MeasureRequest = field(default_factory=MeasureRequest)
     # 6 epochs: 3 left the 0.6 main job 0.89 points below the 90.12% teacher, 6 within 0.34
     recipe: Recipe = field(default_factory=lambda: Recipe(epochs=6))
+    rank: RankRequest = field(default_factory=RankRequest)
     retrain_top: int = 1
+    minutes: float = DEFAULT_MINUTES  # wall-time budget of the run; the final retraining gets what is left (0: none)
     progress: bool = True  # progress on stderr
     echo: bool = True  # the space and budget lines on stdout (off for --json)
 
     def __post_init__(self) -> None:
-        if self.study.trials < 1:
-            raise CaitsearchError(f"--trials must be at least 1, not {self.study.trials}.")
         if self.retrain_top < 0:
             raise CaitsearchError(f"--retrain-top must be 0 or more, not {self.retrain_top}.")
+        if not (math.isfinite(self.minutes) and self.minutes >= 0):
+            raise CaitsearchError(f"--minutes must be 0 (no limit) or a positive number, not {self.minutes:g}.")
 
     def as_dict(self) -> dict:
         """For the run manifest: plain JSON values, and no storage URL (it may hold a password)."""

@@ -12,6 +12,10 @@ atomically::
                            (materialised; retrained for the top K), result.json (accuracy,
                            retrained; written last, so its presence means done) and, when
                            retrained, the trainer's metrics.json and state.pt
+    RUN/remeasured.json    the finalists timed end to end against dense (reused when the run resumes)
+    RUN/ranking.db         the short fine-tunes' Optuna study (one trial per finalist, a rung per step)
+    RUN/ranking.parquet    one row per finalist: proxy, validation accuracy at every rung, survived
+    RUN/candidates/trial-<n>/tune/   a finalist's short fine-tune (state.pt, paused between rungs)
     RUN/results.parquet    one row per re-measured candidate (same as results.csv)
     RUN/results.csv
     RUN/summary.json       {"budget": {"ratio", "ms"}, "dense": {"accuracy", "latency_ms"},
@@ -70,11 +74,24 @@ class RunFolder:
     def dense(self) -> Path:
         return self.path / "dense"
 
+    @property
+    def remeasured(self) -> Path:
+        return self.path / "remeasured.json"
+
+    @property
+    def ranking(self) -> Path:
+        return self.path / "ranking.parquet"
+
     def candidate(self, trial: int) -> Path:
         return self.path / "candidates" / f"trial-{trial}"
 
     def sqlite_url(self) -> str:
         return f"sqlite:///{self.study_db.resolve()}"
+
+    def ranking_url(self) -> str:
+        """The short fine-tunes' study lives in the run folder even when the search's study is shared."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.path / 'ranking.db').resolve()}"
 
     # ----- writing ------------------------------------------------------------------------------
     def write_manifest(self, request: dict, **extra: Any) -> None:
@@ -104,6 +121,9 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         write_json(self.summary, summary)
 
+    def write_ranking(self, rows: list[dict]) -> None:
+        _write_table(self.ranking, pd.DataFrame(rows))
+
     # ----- reading ------------------------------------------------------------------------------
     def read_manifest(self) -> dict:
         return _read_json(self.manifest) or {}
@@ -116,6 +136,12 @@ class RunFolder:
 
     def read_results(self) -> pd.DataFrame:
         return pd.read_parquet(self.results) if self.results.is_file() else pd.DataFrame()
+
+    def read_ranking(self) -> pd.DataFrame:
+        return pd.read_parquet(self.ranking) if self.ranking.is_file() else pd.DataFrame()
+
+    def read_remeasured(self) -> Optional[dict]:
+        return _read_json(self.remeasured)
 
 
 def requested(manifest: dict, key: str) -> Any:

@@ -6,9 +6,9 @@ from .dense import train_dense
 from .distributed import Dist, init_distributed
 from .loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, evaluate, fit, load_batch, load_train_state
 from .recipe import DENSE_LR, RETRAIN_LR, Recipe
-from .retrain import retrain_compressed
+from .retrain import Retraining, retrain_compressed
 from .teacher import Teacher, TrainOnce, load_teacher
 
-__all__ = ["CONFIG_FILE", "DENSE_LR", "Dist", "METRICS_FILE", "MODEL_FILE", "RETRAIN_LR", "Recipe", "STATE_FILE",
+__all__ = ["CONFIG_FILE", "DENSE_LR", "Dist", "METRICS_FILE", "MODEL_FILE", "RETRAIN_LR", "Recipe", "Retraining", "STATE_FILE",
            "Teacher", "TrainOnce", "evaluate", "fit", "init_distributed", "load_batch", "load_teacher",
            "load_train_state", "retrain_compressed", "train_dense"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,16 +88,20 @@ def fit(
     extra_state: Optional[Callable[[], dict]] = None,
     load_extra: Optional[Callable[[dict], None]] = None,
     progress: bool = True,
+    stop_at: Optional[int] = None,
 ) -> dict:
-    """Train `model` for `recipe.epochs` with AdamW and a warmup-cosine schedule, resuming from
-    `out_dir/state.pt` if its `fingerprint` (what is trained, on what) matches. `on_step(step,
-    total)` runs before each step (mask updates); `extra_state`/`load_extra` add caller state to
-    the checkpoint. Returns {"steps", "seconds", "resumed_from"}."""
+    """Train `model` for `total_steps(recipe, ...)` steps with AdamW and a warmup-cosine schedule,
+    resuming from `out_dir/state.pt` if its `fingerprint` (what is trained, on what) matches.
+    `on_step(step, total)` runs before each step (mask updates); `extra_state`/`load_extra` add
+    caller state to the checkpoint. `stop_at` pauses the run at that step (saved; the next call
+    continues it on the same schedule). Returns {"steps" done, "total", "seconds" of training so
+    far, "step_seconds" (median of this call's steps), "resumed_from"}."""
     out_dir = Path(out_dir)
     per_rank = max(1, recipe.batch_size // ctx.world)
     global_batch = per_rank * ctx.world
     per_epoch = steps_per_epoch(len(train_set), recipe.batch_size, ctx.world)
-    total = per_epoch * recipe.epochs
+    total = total_steps(recipe, len(train_set), ctx.world)
+    stop = total if stop_at is None else min(stop_at, total)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -110,6 +115,8 @@ def fit(
 
     fingerprint = {**fingerprint, "epochs": recipe.epochs, "batch_size": global_batch, "lr": recipe.lr,
                    "seed": recipe.seed, "train_size": len(train_set)}
+    if recipe.steps is not None:
+        fingerprint["steps"] = recipe.steps
     step, seconds_before = 0, 0.0
     state_path = out_dir / STATE_FILE
     if state_path.is_file():
@@ -138,10 +145,12 @@ def fit(
         ctx.barrier()
 
     start = time.perf_counter()
+    step_times: list[float] = []
     model.train()
     with Progress(progress and ctx.main) as bar:
         task = bar.task("train", total=total, completed=step)
-        while step < total:
+        while step < stop:
+            began = time.perf_counter()
             epoch, i = divmod(step, per_epoch)
             task.update(description=f"epoch {epoch + 1}/{recipe.epochs}")
             order = epoch_order(len(train_set), recipe.seed, epoch)
@@ -160,7 +169,16 @@ def fit(
             opt.step()
             step += 1
             task.update(advance=1, info=f"loss {loss.item():.3f}")
-            if step % recipe.save_every == 0 or step % per_epoch == 0 or step == total:
+            step_times.append(time.perf_counter() - began)
+            if step % recipe.save_every == 0 or step % per_epoch == 0 or step == stop:
                 save()
     model.eval()
-    return {"steps": total, "seconds": seconds_before + time.perf_counter() - start, "resumed_from": resumed_from}
+    return {"steps": step, "total": total, "seconds": seconds_before + time.perf_counter() - start,
+            "step_seconds": statistics.median(step_times) if step_times else None, "resumed_from": resumed_from}
+
+
+def total_steps(recipe: Recipe, train_size: int, world: int = 1) -> int:
+    """Optimizer steps of a run: `recipe.steps` when set (a time-limited or short run), else whole epochs."""
+    if recipe.steps is not None:
+        return recipe.steps
+    return steps_per_epoch(train_size, recipe.batch_size, world) * recipe.epochs

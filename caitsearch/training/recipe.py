@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 from ..errors import CaitsearchError
 
@@ -17,6 +18,7 @@ class Recipe:
     masks re-picked every `mask_every` steps while widths anneal over the first `anneal` of training."""
 
     epochs: int = 6
+    steps: Optional[int] = None  # when set, the run's length in optimizer steps instead of whole epochs
     batch_size: int = 128
     lr: float = RETRAIN_LR
     weight_decay: float = 0.05
@@ -31,7 +33,7 @@ class Recipe:
     momentum: float = 0.9  # of the running channel importance
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "save_every", "mask_every"):
+        for name in ("epochs", "batch_size", "save_every", "mask_every") + (("steps",) if self.steps is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CaitsearchError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}.")
