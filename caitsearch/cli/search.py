@@ -46,6 +46,9 @@ def search(
     remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Interleaved timing rounds when re-measuring.")] = 15,
     threads: ThreadsOpt = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cpu or cuda: where the teacher, the proxy, retraining and evaluation run "
+                         "(default: the profile's device). Candidates are always timed on the profile's runtime.")] = None,
     allow_foreign_profile: AllowForeignOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Run folder, resumed if it exists (default: results/<model>-b<budget>).")] = None,
@@ -54,7 +57,7 @@ def search(
 ) -> None:
     """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, retrain and report the best candidates.
 
-    Each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on calibration images (KL and top-1 agreement). The best feasible candidates are then timed against the dense model on this machine, the top --retrain-top retrained with distillation and evaluated on the test split. Everything lands in --out: summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command again to resume after an interruption.
+    Each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on calibration images (KL and top-1 agreement). The best feasible candidates are then timed end to end against the dense model on this machine, in the deployed form the profile was measured in (its backend, dtype, threads and CUDA graphs), the top --retrain-top retrained with distillation and evaluated on the test split. Everything lands in --out: summary.json, results.parquet/.csv, trials.parquet, candidates/trial-N/. Run the same command again to resume after an interruption.
 
     Examples:
 
@@ -65,6 +68,8 @@ def search(
       caitsearch search --budget-ms 12.5 --model deit_tiny_patch16_224 --checkpoint dense.pth --data ./imagenette
 
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
+
+      caitsearch search --budget 0.6 --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16   # timed in fp16 on the GPU, retrained there
     """
     import optuna
 
@@ -87,7 +92,7 @@ def search(
         measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
                                allow_foreign_profile=allow_foreign_profile),
         recipe=Recipe(epochs=epochs, batch_size=batch_size, seed=seed),
-        retrain_top=retrain_top, progress=not no_progress and not as_json, echo=not as_json,
+        retrain_top=retrain_top, device=device, progress=not no_progress and not as_json, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:

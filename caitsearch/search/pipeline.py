@@ -33,12 +33,13 @@ from ..compress import compress, materialize
 from ..config import CompressionConfig
 from ..console import Progress, log, say
 from ..data import Splits, load_dataset
-from ..device import backend_device, resolve_dtype
+from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..io import save_weights, write_json
 from ..measure import set_threads, steady_allocator
 from ..models import DEFAULT_MODEL, ModelSpec, model_spec
 from ..profile import LatencyProfile, find_profile
+from ..profile.runtime import Runtime
 from ..space import SearchSpace
 from ..training import DENSE_LR, MODEL_FILE, TrainOnce, evaluate, load_teacher, retrain_compressed
 from . import study as st
@@ -59,8 +60,8 @@ class Prepared:
     budget: Budget
     space: SearchSpace
     threads: int
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # where the teacher, the proxy, retraining and evaluation run (--device)
+    runtime: Runtime  # how candidates are timed: the profile's backend, dtype, threads, CUDA graphs
     splits: Splits
     teacher: nn.Module
     proxy: AccuracyProxy
@@ -128,17 +129,19 @@ def prepare(req: SearchRequest) -> Prepared:
     run.write_space(described)
     run.write_manifest(req.as_dict(), storage=st.redact(req.study.storage or run.sqlite_url()),
                        study_name=req.study.name, threads=threads, profile=prof.manifest)
-    device, dtype = backend_device(str(prof.manifest.get("backend", "torch-cpu"))), \
-        resolve_dtype(str(prof.manifest.get("dtype", "fp32")))
+    runtime = Runtime.of_profile(prof.manifest, threads=threads if prof.manifest.get("backend") == "torch-cpu" else None)
+    profile_device = runtime.device  # refuses a GPU profile where no GPU is visible, before any work
+    device = resolve_device(req.device) if req.device else profile_device
 
     d = req.data
     splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
                           val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
     teacher = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
                            data=splits.name,
-                           train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress)).model
+                           train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress, device)
+                           ).model.to(device)
     proxy = AccuracyProxy(teacher, stack_images(splits.proxy), stack_images(splits.calib))
-    return Prepared(req, run, spec, prof, budget, space, threads, device, dtype, splits, teacher, proxy)
+    return Prepared(req, run, spec, prof, budget, space, threads, device, runtime, splits, teacher, proxy)
 
 
 def describe_space(space: SearchSpace, prof: LatencyProfile) -> dict:
@@ -203,7 +206,7 @@ def run_study(p: Prepared) -> Studied:
 
 
 def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
-    """Time the best feasible trials against dense on the profile's device and dtype."""
+    """Time the best feasible trials against dense on the profile's runtime (backend, dtype, threads, CUDA graphs)."""
     req = p.request
     with Progress(req.progress) as bar:
 
@@ -211,10 +214,9 @@ def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
             return bar.task(f"re-measuring {n} candidates", total=req.measure.repeats).advance
 
         dense_timing, measured = remeasure_until_within(
-            p.teacher, s.feasible, p.spec, p.budget, p.profile.dense_ms, p.profile.manifest.get("batch_size", 32),
-            p.device, p.dtype, p.proxy.stats_images, wanted=max(1, req.retrain_top), per_round=req.measure.remeasure,
-            repeats=req.measure.repeats, on_round=on_round)
-    p.teacher.to("cpu", torch.float32)
+            p.teacher, s.feasible, p.spec, p.budget, p.profile.dense_ms, p.runtime, p.proxy.stats_images,
+            wanted=max(1, req.retrain_top), per_round=req.measure.remeasure, repeats=req.measure.repeats,
+            on_round=on_round)
     measured.sort(key=lambda m: (not m.within_budget, m.proxy["kl"]))
     return Remeasured(dense_timing, measured)
 
@@ -256,7 +258,8 @@ def finish_candidate(p: Prepared, c: Measured, folder: Path, retrain: bool) -> d
             return result
     c.config.save(folder / "config.json")
     if retrain:
-        _, metrics = retrain_compressed(p.teacher, c.config, p.splits, req.recipe, folder, progress=req.progress)
+        _, metrics = retrain_compressed(p.teacher, c.config, p.splits, req.recipe, folder, progress=req.progress,
+                                        device=p.device)
         accuracy = float(metrics["accuracy"])  # the trainer's test accuracy of the materialised model
     else:
         model = materialize(compress(p.teacher, c.config, p.proxy.stats_images)).eval()
@@ -276,7 +279,7 @@ def summarise(p: Prepared, s: Studied, m: Remeasured, r: Retrained) -> dict:
     summary = {
         "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name, "device": str(p.device),
         "batch_size": p.profile.manifest.get("batch_size"), "dtype": p.profile.manifest.get("dtype"),
-        "threads": p.threads, "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},
+        "threads": p.threads, "runtime": p.runtime.as_dict(), "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},
         "dense": {"accuracy": r.dense_accuracy, "latency_ms": m.dense["latency_ms"],
                   "predicted_latency_ms": float(p.profile.dense_ms), "timing": m.dense["timing"]},
         "trials": {"finished": st.count(s.study), "requested": p.request.study.trials,

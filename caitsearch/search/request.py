@@ -1,5 +1,5 @@
 """What one `caitsearch search` run is asked to do, grouped the way the pipeline uses it: the
-budget, the data, the study, the timing and the retraining recipe."""
+budget, the data, the study, the timing and the retraining recipe (and the device it runs on)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..training import Recipe
 
@@ -99,6 +100,7 @@ class SearchRequest:
     # 6 epochs: 3 left the 0.6 main job 0.89 points below the 90.12% teacher, 6 within 0.34
     recipe: Recipe = field(default_factory=lambda: Recipe(epochs=6))
     retrain_top: int = 1
+    device: Optional[str] = None  # cpu or cuda: teacher, proxy, retraining, evaluation (default: the profile's)
     progress: bool = True  # progress on stderr
     echo: bool = True  # the space and budget lines on stdout (off for --json)
 
@@ -107,6 +109,8 @@ class SearchRequest:
             raise CaitsearchError(f"--trials must be at least 1, not {self.study.trials}.")
         if self.retrain_top < 0:
             raise CaitsearchError(f"--retrain-top must be 0 or more, not {self.retrain_top}.")
+        if self.device is not None:
+            resolve_device(self.device)  # refuses an unknown device, or cuda where no GPU is visible
 
     def as_dict(self) -> dict:
         """For the run manifest: plain JSON values, and no storage URL (it may hold a password)."""
