@@ -179,3 +179,12 @@ def test_bf16_profile_search_remeasure_retrain_report(tmp_path, bf16_profile, de
     assert rep.returncode == 0, rep.stderr[-2000:]
     env = json.loads((tmp_path / "rep" / "report.json").read_text())["environment"]
     assert env["dtype"] == "bf16" and env["backend"] == "torch-cpu"
+
+
+@pytest.mark.slow
+def test_validate_times_on_the_bf16_profile_runtime(bf16_profile, tmp_path):
+    from caitsearch.profile import validate_profile
+
+    result = validate_profile(bf16_profile, configs=2, out=tmp_path, progress=False)
+    assert result["dtype"] == "bf16" and result["backend"] == "torch-cpu" and result["configs"] == 2
+    assert (tmp_path / "validation.json").is_file()
