@@ -42,8 +42,8 @@ def exported(dense, family: str, path) -> dict:
     return tensorrt_audit(path)
 
 
-@pytest.mark.parametrize("family", ["atme", pytest.param("cdcp", marks=pytest.mark.slow),
-                                    pytest.param("joint", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["atme", "cdcp", "joint"])
 def test_atme_and_cdcp_graphs_use_only_ops_tensorrt_runs_natively(dense, family, tmp_path):
     audit = exported(dense, family, tmp_path / f"{family}.onnx")
     assert audit["concerns"] == []
