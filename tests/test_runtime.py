@@ -164,7 +164,7 @@ def test_bf16_profile_search_remeasure_retrain_report(tmp_path, bf16_profile, de
                   "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
-    assert summary["dtype"] == "bf16" and summary["device"] == "cpu"
+    assert summary["dtype"] == "bf16" and summary["device"] == summary["train_device"] == "cpu"
     assert summary["runtime"] == {"backend": "torch-cpu", "dtype": "bf16", "threads": 1, "cuda_graphs": False,
                                   "batch_size": 32}
     cands = summary["candidates"]

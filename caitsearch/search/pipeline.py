@@ -277,7 +277,8 @@ def summarise(p: Prepared, s: Studied, m: Remeasured, r: Retrained) -> dict:
     """Write results.parquet/.csv and summary.json; return the summary."""
     p.run.write_results(r.rows)
     summary = {
-        "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name, "device": str(p.device),
+        "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name,
+        "device": str(p.runtime.device), "train_device": str(p.device),
         "batch_size": p.profile.manifest.get("batch_size"), "dtype": p.profile.manifest.get("dtype"),
         "threads": p.threads, "runtime": p.runtime.as_dict(), "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},
         "dense": {"accuracy": r.dense_accuracy, "latency_ms": m.dense["latency_ms"],
