@@ -1,4 +1,5 @@
-"""Where and in which precision tensors live: the one table of dtype names, and device checks."""
+"""Where and in which precision tensors live: the one table of dtype names, and device checks
+(what this machine lacks for a GPU or TensorRT, said the same way by every command)."""
 from __future__ import annotations
 
 import torch
@@ -31,3 +32,22 @@ def backend_device(backend: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaitsearchError(f"the profile was measured with {backend}, but no CUDA device is visible here.")
     return device
+
+
+def gpu_missing() -> list[str]:
+    """Why nothing can run on an NVIDIA GPU here (empty when something can)."""
+    if torch.cuda.is_available():
+        return []
+    return [f"an NVIDIA GPU visible to a CUDA build of torch (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda or 'none'}, sees none)"]
+
+
+def tensorrt_missing() -> list[str]:
+    """Why a TensorRT engine cannot be built and run here (empty when it can): no GPU, and/or no
+    importable `tensorrt` (PyPI's wheels are stubs that fetch the real one from NVIDIA's index)."""
+    missing = gpu_missing()
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # ImportError, or a stub wheel that failed to fetch its runtime
+        missing.append("the TensorRT Python package (pip install tensorrt, which downloads it from NVIDIA)")
+    return missing

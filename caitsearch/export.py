@@ -5,7 +5,9 @@ fresh random batch through it and through the PyTorch model (fp32), and refuse t
 largest difference exceeds the tolerance. Formats: ONNX (onnxruntime check; `dtype="fp16"` writes
 an FP16 graph, which is how TensorRT 11 gets FP16 since it has no FP16 builder flag), TorchScript
 (traced: ATME's shapes are static, so tracing is exact), and TensorRT (an engine built from the
-ONNX file; needs the `tensorrt` package and an NVIDIA GPU).
+ONNX file; needs the `tensorrt` package and an NVIDIA GPU, and has never run on the machines this
+was written on). `tensorrt_audit` reads an ONNX file for what TensorRT would not run natively,
+which is what can be checked without TensorRT.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .device import DTYPES
+from .device import DTYPES, tensorrt_missing
 from .errors import CaitsearchError
 from .io import atomic_write
 
@@ -108,24 +110,13 @@ def export_torchscript(model: torch.nn.Module, path: Path, batch_size: int = 1, 
     return _result(path, "torchscript", diff, batch_size, dtype, tolerance)
 
 
-def tensorrt_missing() -> Optional[str]:
-    """Why a TensorRT engine cannot be built here, or None when it can."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt Python package is not installed (pip install tensorrt)"
-    if not torch.cuda.is_available():
-        return "no NVIDIA GPU is visible to torch"
-    return None
-
-
 def export_tensorrt(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
                     dtype: str = "fp32", opset: int = 18) -> dict:
     """Build a serialized TensorRT engine from the ONNX export (written beside it as PATH.onnx),
     run it on the GPU and compare with PyTorch. Untested here: no GPU or TensorRT on the dev machine."""
     missing = tensorrt_missing()
     if missing:
-        raise CaitsearchError(f"--format tensorrt needs tensorrt and an NVIDIA GPU: {missing}.")
+        raise CaitsearchError(f"--format tensorrt needs tensorrt and an NVIDIA GPU: {' and '.join(missing)}.")
     import tensorrt as trt
 
     model, path = model.eval().float().cpu(), Path(path)
@@ -164,6 +155,60 @@ def export_tensorrt(model: torch.nn.Module, path: Path, batch_size: int = 1, tol
     diff = check_against_pytorch(model, run, path, "TensorRT", batch_size, tolerance)
     return _result(path, "tensorrt", diff, batch_size, dtype, tolerance, onnx=str(onnx_path),
                    tensorrt=trt.__version__)
+
+
+# ONNX ops whose output shape depends on tensor values, or that branch on them: TensorRT needs
+# data-dependent shapes (or plugins) for these, and a static engine per shape is the point here
+DATA_DEPENDENT_OPS = ("NonZero", "Unique", "Compress", "NonMaxSuppression", "If", "Loop", "Scan")
+TOPK_LIMIT = 3840  # TensorRT's largest K for TopK
+
+
+def onnx_op_counts(path: Path) -> dict[str, int]:
+    """How often each op type occurs in the ONNX graph at `path` (nested functions included)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def tensorrt_audit(path: Path) -> dict:
+    """What in the ONNX graph at `path` TensorRT would not run natively as one static engine:
+    scatters with a reduction (a plugin), ops with data-dependent output shapes or control flow,
+    TopK without a constant K below 3840, and values whose shape ONNX shape inference cannot pin
+    down. Returns {"ops", "topk_k", "concerns"}; an empty `concerns` is a graph TensorRT parses
+    into native layers (as far as a reading of the graph can tell: nothing here runs TensorRT)."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    concerns, ks = [], []
+    for node in [*graph.node, *(n for f in model.functions for n in f.node)]:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("ScatterElements", "ScatterND") and attrs.get("reduction", b"none") != b"none":
+            concerns.append(f"{node.op_type} with reduction={attrs['reduction'].decode()} (a TensorRT plugin)")
+        elif node.op_type in DATA_DEPENDENT_OPS:
+            concerns.append(f"{node.op_type} (data-dependent shape or control flow)")
+        elif node.op_type == "TopK":
+            k = constants.get(node.input[1])
+            if k is None:
+                concerns.append("TopK with a computed K")
+            else:
+                ks.append(int(k.reshape(-1)[0]))
+                if ks[-1] >= TOPK_LIMIT:
+                    concerns.append(f"TopK with K={ks[-1]} (TensorRT's limit is {TOPK_LIMIT - 1})")
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        t = value.type.tensor_type
+        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
+            concerns.append(f"value {value.name} has no static shape")
+    return {"ops": onnx_op_counts(path), "topk_k": ks, "concerns": sorted(set(concerns))}
 
 
 WRITERS = {"onnx": export_onnx, "torchscript": export_torchscript, "tensorrt": export_tensorrt}

@@ -73,7 +73,7 @@ def test_tensorrt_says_what_is_missing_or_builds(candidate, tmp_path):
 
     folder, _ = candidate
     res = run_cli("export", folder, "--format", "tensorrt", "--out", tmp_path / "m.engine", "--json")
-    if tensorrt_missing() is None:  # a GPU machine with TensorRT
+    if not tensorrt_missing():  # a GPU machine with TensorRT
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout)["max_abs_diff"] <= 1e-3
     else:

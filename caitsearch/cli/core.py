@@ -1,6 +1,8 @@
-"""`inspect`, `bench` and `export`: look at a config, time it, ship it."""
+"""`inspect`, `bench` and `export`: look at a config, time it (on a profile's runtime where one is
+involved), ship it."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,13 +14,12 @@ from ..config import CompressionConfig
 from ..console import out
 from ..device import resolve_device, resolve_dtype
 from ..errors import CaitsearchError
-from ..measure import measure_interleaved, set_threads
 from ..models import ModelSpec
 from .app import app, emit_json
 from .common import load_models
 from .options import (
-    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
+    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt, ProfileOpt,
+    StrategyOpt, ThreadsOpt,
 )
 
 
@@ -91,19 +92,24 @@ def bench(
     profile: ProfileOpt = None,
     img_size: ImgSizeOpt = None,
     checkpoint: CheckpointOpt = None,
-    batch_size: BatchOpt = 32,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", "-b", min=1, help="Images per forward pass (default: the profile's, else 32).")] = None,
     repeats: Annotated[int, typer.Option(min=3, help="Timed calls per model (interleaved).")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per model before timing.")] = 3,
     threads: ThreadsOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cpu or cuda (default: the profile's device where a profile is used, else cpu).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="fp32, fp16 or bf16 (default: the profile's where a profile is used, else fp32).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Time the dense timm model and the materialised compressed model in one interleaved run.
 
     Both see the same random batch; after warm-up the two are called in alternating order and the
     medians compared. Without --config the compressed path runs with nothing compressed, which
-    shows the overhead of the compressed code path itself.
+    shows the overhead of the compressed code path itself. Where a latency profile is involved
+    (--profile, or --budget, which reads one), both are timed the way that profile was measured:
+    its backend, dtype, threads and CUDA graphs; otherwise eager PyTorch on --device in --dtype.
 
     Examples:
 
@@ -112,20 +118,27 @@ def bench(
       caitsearch bench --model deit_small_patch16_224 --batch-size 1 --json
 
       caitsearch bench --strategy tome --budget 0.6      # ToMe's r-schedule predicted at 0.6x dense
+
+      caitsearch bench --config cfg.json --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    n_threads = set_threads(threads)
+    if device is not None:
+        resolve_device(device)  # a bad --device or --dtype is refused before any model is built
+    if dtype is not None:
+        resolve_dtype(dtype)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
                                          profile=profile)
     spec = ModelSpec.from_model(dense)
-    dense, compressed = dense.to(dev, dt), compressed.to(dev, dt)
-    x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
-    timings = measure_interleaved({"dense": lambda: dense(x), "compressed": lambda: compressed(x)},
-                                  repeats=repeats, warmup=warmup, device=dev)
+    runtime, profile_path = bench_runtime(spec, profile is not None or budget is not None, profile, device, dtype,
+                                          threads, batch_size)
+    timings, telemetry = runtime.time_models({"dense": dense, "compressed": compressed}, spec, repeats=repeats,
+                                             warmup=warmup)
+    n_threads, dev, dtype, batch_size = torch.get_num_threads(), runtime.device, runtime.dtype, runtime.batch_size
     macs = config_report(spec, cfg)
     speedup = timings["dense"].median / timings["compressed"].median
     result = {
         "model": spec.name, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "threads": n_threads,
+        "backend": runtime.backend, "cuda_graphs": runtime.cuda_graphs,
+        "profile": str(profile_path) if profile_path else None, "telemetry": telemetry,
         "dense": timings["dense"].summary(), "compressed": timings["compressed"].summary(),
         "speedup": speedup, "mac_ratio": macs["mac_ratio"],
         # share of the MAC reduction that became wall-clock speedup (1.0 = all of it)
@@ -135,7 +148,9 @@ def bench(
     if as_json:
         emit_json(result)
         return
-    t = Table(title=f"{spec.name}, batch {batch_size}, {dtype} on {dev} ({n_threads} threads)")
+    graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
+    t = Table(title=f"{spec.name}, batch {batch_size}, {dtype} on {runtime.backend}{graphs} ({n_threads} threads)"
+                    + (f"\nas profiled in {profile_path}" if profile_path else ""))
     for col in ("model", "median ms", "p90 ms", "spread"):
         t.add_column(col, justify="right")
     for name in ("dense", "compressed"):
@@ -144,6 +159,28 @@ def bench(
     out.print(t)
     out.print(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
               f"({result['realised']:.2f} of the MAC reduction realised)")
+
+
+def bench_runtime(spec: ModelSpec, use_profile: bool, profile: Optional[Path], device: Optional[str],
+                  dtype: Optional[str], threads: Optional[int], batch_size: Optional[int]):
+    """The runtime `bench` times on, and the profile it comes from (None without one): with
+    `use_profile`, the profile's runtime (`profile`, else this machine's default profile), which
+    --device and --dtype may only agree with; else eager PyTorch on --device in --dtype."""
+    from ..profile import Runtime, find_profile
+
+    if not use_profile:
+        return Runtime.on_device(resolve_device(device or "cpu"), dtype or "fp32", threads, batch_size or 32), None
+    prof = find_profile(spec, profile)
+    runtime = Runtime.of_profile(prof.manifest, threads=threads)
+    if device is not None and resolve_device(device).type != runtime.device.type:
+        raise CaitsearchError(f"profile {prof.path} was measured on {runtime.backend}; bench times on its runtime, "
+                              f"so drop --device {device}.")
+    if dtype is not None and dtype != runtime.dtype:
+        raise CaitsearchError(f"profile {prof.path} was measured in {runtime.dtype}; bench times on its runtime, "
+                              f"so drop --dtype {dtype}.")
+    if batch_size is not None:
+        runtime = dataclasses.replace(runtime, batch_size=batch_size)
+    return runtime, prof.path
 
 
 @app.command()

@@ -56,6 +56,9 @@ def search(
     remeasure: Annotated[int, typer.Option("--remeasure", min=1, help="Best feasible trials re-measured end to end.")] = 4,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Interleaved timing rounds when re-measuring.")] = 15,
     threads: ThreadsOpt = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cpu or cuda: where the teacher, the proxy, retraining and evaluation run "
+                         "(default: the profile's device). Candidates are always timed on the profile's runtime.")] = None,
     allow_foreign_profile: AllowForeignOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Run folder, resumed if it exists (default: results/<model>-b<budget>).")] = None,
@@ -66,7 +69,7 @@ def search(
 
     1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space samples pure pruning, pure merging and their mixes equally often, and starts from each family's best uniform schedule.
 
-    2. Measure: the --finalists best (always with the best pure-pruning and the best merge-heavy one) are timed against the dense model on this machine; over-budget ones drop out.
+    2. Measure: the --finalists best (always with the best pure-pruning and the best merge-heavy one) are timed end to end against the dense model on this machine, in the deployed form the profile was measured in (its backend, dtype, threads and CUDA graphs); over-budget ones drop out.
 
     3. Rank: short distillation fine-tunes (--tune-steps, doubling per rung), scored on the validation split, keep the better half at every rung.
 
@@ -83,6 +86,8 @@ def search(
       caitsearch search --budget-ms 12.5 --model deit_tiny_patch16_224 --checkpoint dense.pth --data ./imagenette
 
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
+
+      caitsearch search --budget 0.6 --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16   # timed in fp16 on the GPU, retrained there
     """
     import optuna
 
@@ -106,7 +111,7 @@ def search(
         measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
                                allow_foreign_profile=allow_foreign_profile),
         recipe=Recipe(epochs=epochs, batch_size=batch_size, seed=seed),
-        retrain_top=retrain_top, minutes=minutes, progress=not no_progress and not as_json, echo=not as_json,
+        retrain_top=retrain_top, minutes=minutes, device=device, progress=not no_progress and not as_json, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:

@@ -213,16 +213,17 @@ def _batches(calib: Calibration) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def collect_channel_stats(model: CaitViT, calib: Calibration) -> list[tuple[ChannelStats, ChannelStats]]:
     """Run calibration images through the model (merges on, masks as they are) and return
-    per-block (attention, mlp) activation statistics."""
+    per-block (attention, mlp) activation statistics. The images go to the model's device and
+    dtype (a bf16 or fp16 model takes half-precision images)."""
     blocks = list(model.vit.blocks)
     for blk in blocks:
         blk.attn.stats, blk.mlp.stats = ChannelStats(), ChannelStats()
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
     try:
         for images in _batches(calib):
-            model(images.to(device))
+            model(images.to(weight.device, weight.dtype))
         return [(blk.attn.stats, blk.mlp.stats) for blk in blocks]
     finally:
         model.train(was_training)

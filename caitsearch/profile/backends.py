@@ -1,13 +1,16 @@
 """Where a profile measures: PyTorch on the CPU, PyTorch on CUDA, or TensorRT engines.
 
 A backend turns a module and its example inputs into a zero-argument callable that runs one
-forward pass, and times groups of such callables interleaved (`measure.measure_interleaved`:
-warm-up by count and time, repeats until the spread is small, median/p90/spread). On GPUs the
-timer is CUDA events, and NVML telemetry (SM clock, temperature, power, throttle reasons) is
-sampled while a group runs; a group that ran throttled is measured again.
+forward pass in the deployed form (the backend's device and dtype, on a copy, so the caller's
+model is never cast; on CUDA with `cuda_graphs`, one captured graph replayed), and times groups of
+such callables interleaved (`measure.measure_interleaved`: warm-up by count and time, repeats
+until the spread is small, median/p90/spread). On GPUs the timer is CUDA events, and NVML
+telemetry (SM clock, temperature, power, throttle reasons) is sampled while a group runs; a group
+that ran throttled is measured again. Block parts and whole models go through the same `prepare`.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import threading
@@ -19,7 +22,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..device import DTYPES
+from ..device import DTYPES, gpu_missing, tensorrt_missing
 from ..errors import CaitsearchError
 from ..measure import Timing, measure_interleaved, set_threads, steady_allocator
 
@@ -105,21 +108,12 @@ class TorchBackend:
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def prepare(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
-        module = module.eval().to(self.device, self.dtype)
-        inputs = tuple(inputs)
+        """A callable that runs `module` on `inputs` as deployed: eager, or a replayed CUDA graph."""
+        module = deployed(module, self.device, self.dtype)
+        inputs = tuple(self.to_device(t).contiguous() for t in inputs)
         if not self.cuda_graphs:
             return lambda: module(*inputs)
-        with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    module(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                module(*inputs)
-        return graph.replay
+        return GraphReplay(module, inputs)
 
     def measure(self, fns: Mapping[str, Callable[[], object]], retries: int = 2, **kwargs) -> tuple[dict[str, Timing], dict]:
         """Time `fns` interleaved; on a GPU, measure again (up to `retries` times) while throttled."""
@@ -138,6 +132,59 @@ class TorchBackend:
     def release(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def deployed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`module`, switched to eval mode, when its floating-point tensors are on `device` in `dtype`
+    already, else a cast copy in eval mode: timing never moves or casts the caller's weights (a
+    teacher cast to bf16 in place would go on to train on rounded weights)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    here = all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
+               and (t.dtype == dtype or not t.is_floating_point()) for t in tensors)
+    return module.eval() if here else copy.deepcopy(module).eval().to(device, dtype)
+
+
+class GraphReplay:
+    """One forward pass captured as a CUDA graph, replayed on call.
+
+    Warm-up runs on a side stream (cuDNN/cuBLAS pick their kernels and workspaces outside the
+    capture); the inputs are the graph's static buffers and the outputs of the captured call are
+    kept, and so are the module and the graph, so nothing the replay reads or writes is freed
+    while the callable lives; one replay is checked against the eager output before timing.
+    Capture needs static shapes and no host synchronisation in the forward pass: the compressed
+    path is written that way (tests/test_capture.py checks it on the CPU).
+    """
+
+    def __init__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], warmup: int = 3) -> None:
+        self.module, self.inputs = module, inputs
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(1, warmup)):
+                    eager = module(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = module(*inputs)
+            self.graph.replay()
+            torch.cuda.synchronize()
+            if not _close(self.outputs, eager):  # a replay must compute what the eager call did
+                raise CaitsearchError(f"the CUDA graph of {type(module).__name__} does not replay what it computes "
+                                      "eagerly, so it cannot be timed as a graph; measure without --cuda-graphs.")
+
+    def __call__(self) -> object:
+        self.graph.replay()
+        return self.outputs
+
+
+def _close(a: object, b: object) -> bool:
+    """Outputs (a tensor or a tuple of them) equal up to half-precision rounding."""
+    a, b = ((a,), (b,)) if isinstance(a, torch.Tensor) else (tuple(a), tuple(b))
+    return len(a) == len(b) and all(
+        x is y is None or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                           and torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-2)) for x, y in zip(a, b))
 
 
 class TensorRTBackend(TorchBackend):
@@ -196,8 +243,8 @@ class TensorRTBackend(TorchBackend):
 
     def prepare(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
         trt = self.trt
-        module = module.eval().to(self.device, self.dtype)
-        inputs = tuple(t.contiguous() for t in inputs)
+        module = deployed(module, self.device, self.dtype)
+        inputs = tuple(self.to_device(t).contiguous() for t in inputs)
         engine = self._engine(self._onnx(module, inputs))
         context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -244,15 +291,7 @@ def check_backend(backend: str, dtype: str) -> None:
         raise CaitsearchError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
     if dtype not in DTYPES:
         raise CaitsearchError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
-    missing = []
-    if backend in ("cuda", "tensorrt") and not torch.cuda.is_available():
-        missing.append(f"an NVIDIA GPU visible to a CUDA build of torch (torch {torch.__version__}, "
-                       f"CUDA {torch.version.cuda or 'none'}, sees none)")
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            missing.append("the TensorRT Python package (pip install tensorrt)")
+    missing = tensorrt_missing() if backend == "tensorrt" else gpu_missing() if backend == "cuda" else []
     if missing:
         raise CaitsearchError(f"backend {backend} needs {' and '.join(missing)}.")
     if backend == "tensorrt" and dtype == "bf16":
@@ -261,7 +300,11 @@ def check_backend(backend: str, dtype: str) -> None:
 
 def make_backend(backend: str, dtype: str, threads: Optional[int] = None, cuda_graphs: bool = False,
                  cache_dir: Optional[Path] = None):
+    """The backend that times on `backend` in `dtype`, refused in one sentence where this machine cannot run it."""
     check_backend(backend, dtype)
+    if cuda_graphs and backend != "cuda":
+        raise CaitsearchError(f"CUDA graphs replay PyTorch modules on the cuda backend, not on {backend}; "
+                              "drop --cuda-graphs or use --backend cuda.")
     if backend == "tensorrt":
         return TensorRTBackend(dtype, cache_dir or Path("hw_profiles/.trt_cache"), threads)
     return TorchBackend(backend, dtype, threads, cuda_graphs)

@@ -145,6 +145,7 @@ class Run:
         fp = prof.get("fingerprint", {})
         env = {
             "device": s.get("device") or fp.get("backend"), "backend": prof.get("backend"),
+            "cuda_graphs": prof.get("cuda_graphs") if prof.get("backend") == "cuda" else None,
             "cpu": fp.get("cpu"), "gpu": fp.get("gpu") or fp.get("device_name"),
             "logical_cores": fp.get("logical_cores"), "threads": s.get("threads", m.get("threads")),
             "batch_size": s.get("batch_size", prof.get("batch_size")), "dtype": s.get("dtype", prof.get("dtype")),

@@ -37,12 +37,13 @@ from ..compress import compress, materialize
 from ..config import CompressionConfig
 from ..console import Progress, log, say
 from ..data import Splits, load_dataset
-from ..device import backend_device, resolve_dtype
+from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..io import save_weights, write_json
 from ..measure import set_threads, steady_allocator
 from ..models import DEFAULT_MODEL, ModelSpec, model_spec
 from ..profile import LatencyProfile, find_profile
+from ..profile.runtime import Runtime
 from ..space import SearchSpace
 from ..training import DENSE_LR, MODEL_FILE, Retraining, TrainOnce, evaluate, load_teacher
 from . import rank as rk
@@ -66,8 +67,8 @@ class Prepared:
     budget: Budget
     space: SearchSpace
     threads: int
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # where the teacher, the proxy, retraining and evaluation run (--device)
+    runtime: Runtime  # how candidates are timed: the profile's backend, dtype, threads, CUDA graphs
     splits: Splits
     teacher: nn.Module
     teacher_info: dict  # source, validation accuracy, warning
@@ -156,25 +157,28 @@ def prepare(req: SearchRequest) -> Prepared:
     run.write_space(described)
     run.write_manifest(req.as_dict(), storage=st.redact(req.study.storage or run.sqlite_url()),
                        study_name=req.study.name, threads=threads, profile=prof.manifest)
-    device, dtype = backend_device(str(prof.manifest.get("backend", "torch-cpu"))), \
-        resolve_dtype(str(prof.manifest.get("dtype", "fp32")))
+    runtime = Runtime.of_profile(prof.manifest, threads=threads if prof.manifest.get("backend") == "torch-cpu" else None)
+    profile_device = runtime.device  # refuses a GPU profile where no GPU is visible, before any work
+    device = resolve_device(req.device) if req.device else profile_device
 
     d = req.data
     splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
                           val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
     teacher = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
-                           data=splits.name, train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress))
+                           data=splits.name,
+                           train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress, device))
+    teacher.model.to(device)
     info = teacher_check(teacher.model, teacher.source, splits, req.recipe.batch_size)
     if info.get("warning"):
         log(f"warning: {info['warning']}")
     proxy = AccuracyProxy(teacher.model, stack_images(splits.proxy), stack_images(splits.calib))
-    return Prepared(req, run, spec, prof, budget, space, threads, device, dtype, splits, teacher.model, info, proxy,
+    return Prepared(req, run, spec, prof, budget, space, threads, device, runtime, splits, teacher.model, info, proxy,
                     started)
 
 
 def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: int) -> dict:
     """The teacher's validation accuracy, and a warning when it is too weak to be worth compressing:
-    near chance, or trained here for only a few hundred optimizer steps."""
+    near chance on the validation split."""
     val = float(evaluate(teacher, splits.val, batch_size=max(batch_size, 256))) if len(splits.val) else None
     info = {"source": source, "val_accuracy": val, "val_images": len(splits.val)}
     chance = 1.0 / splits.num_classes
@@ -260,8 +264,9 @@ def run_study(p: Prepared) -> Studied:
 
 
 def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
-    """Time the finalists against dense on the profile's device and dtype (recorded, so a resumed
-    run keeps the same finalists); if too few stay within budget, the next best in a later round."""
+    """Time the finalists against dense on the profile's runtime (backend, dtype, threads, CUDA
+    graphs; recorded, so a resumed run keeps the same finalists); if too few stay within budget,
+    the next best in a later round."""
     req = p.request
     recorded = _read_remeasured(p.run, s.feasible)
     if recorded is not None:
@@ -275,10 +280,9 @@ def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
             return bar.task(f"re-measuring {n} candidates", total=req.measure.repeats).advance
 
         dense_timing, measured = remeasure_until_within(
-            p.teacher, queue, p.spec, p.budget, p.profile.dense_ms, p.profile.manifest.get("batch_size", 32),
-            p.device, p.dtype, p.proxy.stats_images, wanted=wanted, per_round=max(wanted, req.measure.remeasure),
-            repeats=req.measure.repeats, on_round=on_round)
-    p.teacher.to("cpu", torch.float32)
+            p.teacher, queue, p.spec, p.budget, p.profile.dense_ms, p.runtime, p.proxy.stats_images,
+            wanted=wanted, per_round=max(wanted, req.measure.remeasure), repeats=req.measure.repeats,
+            on_round=on_round)
     measured.sort(key=lambda m: (not m.within_budget, m.proxy["kl"]))
     write_json(p.run.remeasured, {"dense": dense_timing, "candidates": [m.to_dict() for m in measured]})
     return Remeasured(dense_timing, measured)
@@ -315,7 +319,7 @@ def rank_finalists(p: Prepared, m: Remeasured) -> Ranked:
     def tune(trial: int, until: int) -> tuple[float, Optional[float]]:
         if trial not in runs:
             folder = rk.tune_folder(p.run.candidate(trial))
-            runs[trial] = Retraining(p.teacher, by_trial[trial].config, p.splits, recipe, folder,
+            runs[trial] = Retraining(p.teacher, by_trial[trial].config, p.splits, recipe, folder, device=p.device,
                                      anneal_steps=int(recipe.anneal * steps[0]))
         stats = runs[trial].run(until=until, progress=False)
         return runs[trial].score(p.splits.val), stats.get("step_seconds")
@@ -414,7 +418,7 @@ def _full_steps(p: Prepared) -> int:
 def _probe_step_seconds(p: Prepared, c: Measured, folder: Path, steps: int = 6) -> float:
     """Seconds per retraining step of `c`, from a few throwaway steps (no short fine-tune timed it)."""
     probe = Retraining(p.teacher, c.config, p.splits, p.request.recipe.with_(steps=steps, save_every=steps),
-                       folder / "probe", anneal_steps=steps)
+                       folder / "probe", device=p.device, anneal_steps=steps)
     return float(probe.run(progress=False)["step_seconds"])
 
 
@@ -429,7 +433,7 @@ def finish_candidate(p: Prepared, c: Measured, folder: Path, plan: Optional[dict
     c.config.save(folder / "config.json")
     if plan is not None:
         recipe = req.recipe if plan["steps"] == plan["full_steps"] else req.recipe.with_(steps=plan["steps"])
-        run = Retraining(p.teacher, c.config, p.splits, recipe, folder)
+        run = Retraining(p.teacher, c.config, p.splits, recipe, folder, device=p.device)
         run.run(progress=req.progress)
         _, metrics = run.finish()
         result = {"accuracy": float(metrics["accuracy"]), "val_accuracy": float(metrics["val_accuracy"]),
@@ -454,9 +458,10 @@ def summarise(p: Prepared, s: Studied, m: Remeasured, r: Ranked, t: Retrained) -
     p.run.write_results(t.rows)
     steps = list(r.steps)
     summary = {
-        "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name, "device": str(p.device),
+        "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name,
+        "device": str(p.runtime.device), "train_device": str(p.device),
         "batch_size": p.profile.manifest.get("batch_size"), "dtype": p.profile.manifest.get("dtype"),
-        "threads": p.threads, "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},
+        "threads": p.threads, "runtime": p.runtime.as_dict(), "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},
         "selection": "val_accuracy",
         "dense": {"accuracy": t.dense_accuracy, "val_accuracy": p.teacher_info.get("val_accuracy"),
                   "latency_ms": m.dense["latency_ms"], "predicted_latency_ms": float(p.profile.dense_ms),

@@ -66,7 +66,9 @@ class AccuracyProxy:
 
     @torch.inference_mode()
     def _logits(self, model: nn.Module) -> list[torch.Tensor]:
-        return [model(x).float() for x in self.batches]
+        """fp32 CPU logits per batch, the images sent to the model's device and dtype."""
+        weight = next(model.parameters())
+        return [model(x.to(weight.device, weight.dtype)).float().cpu() for x in self.batches]
 
     @property
     def floor(self) -> ProxyScore:

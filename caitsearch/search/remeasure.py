@@ -1,6 +1,8 @@
 """Re-measurement: the best feasible trials, materialised and timed end to end against the dense
 model in one interleaved loop on this machine, because the budget is judged by measurement, not
-by the prediction that screened them."""
+by the prediction that screened them. Timing runs on the profile's runtime (backend, dtype,
+threads, CUDA graphs: `profile.runtime`), so the deployed form is what is judged; the candidates
+are compressed from the fp32 teacher and only the timed copies are cast."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +13,8 @@ from torch import nn
 
 from ..compress import compress, materialize
 from ..config import CompressionConfig
-from ..measure import measure_interleaved
 from ..models import ModelSpec
+from ..profile.runtime import Runtime
 from .request import Budget
 
 
@@ -38,17 +40,15 @@ class Measured:
         return cls(**{**data, "config": CompressionConfig.from_dict(data["config"])})
 
 
-def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, batch_size: int,
-              device: torch.device, dtype: torch.dtype, calib: torch.Tensor, repeats: int = 15,
+def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, runtime: Runtime,
+              calib: torch.Tensor, repeats: int = 15,
               progress: Optional[Callable[[], None]] = None) -> tuple[dict, list[Measured]]:
-    """Time the dense model and the materialised candidates in one interleaved loop on this device."""
-    models = {"dense": dense.to(device, dtype).eval()}
+    """Time the dense model and the materialised candidates in one interleaved loop on `runtime`."""
+    models = {"dense": dense}
     for t in trials:
         cfg = CompressionConfig.from_dict(t.user_attrs["config"])
-        models[f"trial{t.number}"] = materialize(compress(dense, cfg, calib)).to(device, dtype).eval()
-    x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
-    timings = measure_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats=repeats,
-                                  warmup=2, device=device, progress=progress)
+        models[f"trial{t.number}"] = materialize(compress(dense, cfg, calib))
+    timings, telemetry = runtime.time_models(models, spec, repeats=repeats, warmup=2, progress=progress)
     dense_ms = timings["dense"].median
     out = []
     for t in trials:
@@ -58,11 +58,12 @@ def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, b
                             predicted_ms=t.user_attrs["predicted_ms"], latency_ms=ms,
                             within_budget=budget.admits(ms, dense_ms),
                             timing={**timings[f"trial{t.number}"].summary(), "dense_ms": dense_ms}))
-    return {"latency_ms": dense_ms, "timing": timings["dense"].summary()}, out
+    return {"latency_ms": dense_ms, "timing": timings["dense"].summary(), "runtime": runtime.as_dict(),
+            "telemetry": telemetry}, out
 
 
 def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, budget: Budget, dense_predicted_ms: float,
-                           batch_size: int, device: torch.device, dtype: torch.dtype, calib: torch.Tensor,
+                           runtime: Runtime, calib: torch.Tensor,
                            wanted: int, per_round: int, repeats: int, rounds: int = 3,
                            on_round: Optional[Callable[[int], Callable[[], None]]] = None) -> tuple[dict, list[Measured]]:
     """Re-measure the best feasible trials; if fewer than `wanted` stay within budget on this
@@ -76,7 +77,7 @@ def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, bu
         if not batch:
             break
         queue = [t for t in queue if t not in batch]
-        dense_timing, got = remeasure(dense, batch, spec, budget, batch_size, device, dtype, calib, repeats=repeats,
+        dense_timing, got = remeasure(dense, batch, spec, budget, runtime, calib, repeats=repeats,
                                       progress=on_round(len(batch)) if on_round else None)
         measured += got  # each carries the dense latency of its own loop, so rounds compare
         if sum(m.within_budget for m in measured) >= wanted:

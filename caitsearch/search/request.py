@@ -1,5 +1,5 @@
 """What one `caitsearch search` run is asked to do, grouped the way the pipeline uses it: the
-budget, the data, the study, the timing and the retraining recipe."""
+budget, the data, the study, the timing and the retraining recipe (and the device it runs on)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..training import Recipe
 
@@ -126,6 +127,7 @@ class SearchRequest:
     rank: RankRequest = field(default_factory=RankRequest)
     retrain_top: int = 1
     minutes: float = DEFAULT_MINUTES  # wall-time budget of the run; the final retraining gets what is left (0: none)
+    device: Optional[str] = None  # cpu or cuda: teacher, proxy, retraining, evaluation (default: the profile's)
     progress: bool = True  # progress on stderr
     echo: bool = True  # the space and budget lines on stdout (off for --json)
 
@@ -134,6 +136,8 @@ class SearchRequest:
             raise CaitsearchError(f"--retrain-top must be 0 or more, not {self.retrain_top}.")
         if not (math.isfinite(self.minutes) and self.minutes >= 0):
             raise CaitsearchError(f"--minutes must be 0 (no limit) or a positive number, not {self.minutes:g}.")
+        if self.device is not None:
+            resolve_device(self.device)  # refuses an unknown device, or cuda where no GPU is visible
 
     def as_dict(self) -> dict:
         """For the run manifest: plain JSON values, and no storage URL (it may hold a password)."""

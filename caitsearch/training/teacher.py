@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..console import log
@@ -30,6 +31,7 @@ class TrainOnce:
     recipe: Recipe
     folder: Path
     progress: bool = True
+    device: Optional[torch.device] = None  # where it trains (default: the CPU)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def load_teacher(name: str, img_size: Optional[Sequence[int]] = None, num_classe
     folder = Path(train.folder)
     if not (folder / DONE_FILE).is_file():
         log(f"no --checkpoint: training the dense {name} on {train.splits.name} for {train.recipe.epochs} epoch(s) first")
-        train_dense(model, train.splits, train.recipe, folder, progress=train.progress)
+        train_dense(model, train.splits, train.recipe, folder, progress=train.progress, device=train.device)
         write_json(folder / DONE_FILE, {"trained": True, "epochs": train.recipe.epochs})
     load_checkpoint(model, folder / MODEL_FILE)
     return Teacher(model.cpu().eval(), "trained here", folder / MODEL_FILE)
