@@ -57,7 +57,8 @@ def test_report_renders_every_format_and_recommends_the_most_accurate_within_bud
     # chosen on the validation split (retrained first), never on test
     best = max(cands, key=lambda c: (c["retrained"], c["val_accuracy"], -c["latency_ms"]))
     assert written["recommended"]["trial"] == best["trial"]
-    for name in ["tradeoff.png", *[f"schedule-trial-{c['trial']}.png" for c in cands]]:
+    assert (search_run / "ranking.parquet").exists()  # the fixture ranks finalists: one figure more
+    for name in ["tradeoff.png", "ranking.png", *[f"schedule-trial-{c['trial']}.png" for c in cands]]:
         _png_ok(out / name)
     table = pd.read_parquet(out / "candidates.parquet")
     assert pd.read_csv(out / "candidates.csv").shape == table.shape
@@ -75,7 +76,7 @@ def test_report_renders_every_format_and_recommends_the_most_accurate_within_bud
     md = (out / "report.md").read_text()
     assert f"Deploy trial {best['trial']}" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 1 + len(cands)
+    assert sorted(links) == sorted(["tradeoff.png", "ranking.png", *[f"schedule-trial-{c['trial']}.png" for c in cands]])
     for link in links:  # relative, and resolving to the PNGs beside the Markdown
         assert not Path(link).is_absolute()
         _png_ok(out / link)
