@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .defaults import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from .errors import CaitsearchError
 from .models import ModelSpec
 
@@ -44,8 +45,6 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
-# held-out training images (see load_dataset); the defaults of every command, so they hold out the same ones
-CALIB_SIZE, PROXY_SIZE, VAL_SIZE = 512, 512, 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -6,9 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch loads only with the first weights written: the CLI answers bad input without it
+    import torch
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -47,6 +48,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_weights(weights: "torch.nn.Module | Mapping[str, torch.Tensor]", path: Path) -> None:
     """A module's state dict (or a state dict) as safetensors, on the CPU, written atomically."""
+    import torch
     from safetensors.torch import save_file
 
     state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights

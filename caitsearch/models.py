@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .defaults import DEFAULT_MODEL
 from .errors import CaitsearchError
 
 POOLS_THAT_AVERAGE = ("avg", "avgmax")
@@ -215,7 +216,6 @@ def _register_embedded_models() -> None:
     register_model(deit_fmnist_patch4_32)
 
 
-DEFAULT_MODEL = "deit_fmnist_patch4_32"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 

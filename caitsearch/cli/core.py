@@ -4,26 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from ..config import CompressionConfig
 from ..console import out
-from ..device import resolve_device, resolve_dtype
 from ..errors import CaitsearchError
-from ..measure import measure_interleaved, set_threads
-from ..models import ModelSpec
 from .app import app, emit_json
-from .common import load_models
 from .options import (
     BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
     NumClassesOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
 )
 
 
-def config_report(spec: ModelSpec, config: CompressionConfig) -> dict:
-    """Per-block grid, tokens, widths and MACs of a config, with totals against dense."""
+def config_report(spec, config) -> dict:
+    """Per-block grid, tokens, widths and MACs of a `CompressionConfig` on a `ModelSpec`, with totals against dense."""
+    from ..config import CompressionConfig
+
     dense = CompressionConfig.dense(spec).macs(spec)
     macs = config.macs(spec)
     blocks = []
@@ -62,6 +58,9 @@ def inspect(
 
       caitsearch inspect --config results/run/candidate-0/config.json --json
     """
+    from ..models import ModelSpec
+    from .common import load_models
+
     dense, cfg, _ = load_models(model, img_size, config, num_classes=num_classes)
     spec = ModelSpec.from_model(dense)
     report = config_report(spec, cfg)
@@ -113,6 +112,13 @@ def bench(
 
       caitsearch bench --strategy tome --budget 0.6      # ToMe's r-schedule predicted at 0.6x dense
     """
+    import torch
+
+    from ..device import resolve_device, resolve_dtype
+    from ..measure import measure_interleaved, set_threads
+    from ..models import ModelSpec
+    from .common import load_models
+
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     n_threads = set_threads(threads)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
@@ -179,6 +185,7 @@ def export(
       caitsearch export --config cfg.json --checkpoint ckpt.pth --format onnx --out deit_small_cait.onnx
     """
     from ..export import FORMATS, export_model
+    from .common import load_models
 
     if fmt not in FORMATS:
         raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")

@@ -1,4 +1,6 @@
-"""Options shared by several commands, so every command spells and explains them the same way."""
+"""Options shared by several commands, so every command spells and explains them the same way.
+
+Like every CLI module it imports nothing heavy at the top: torch and timm load inside the commands."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..models import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help=f"timm model name (default: the config's model, else {DEFAULT_MODEL}).")]

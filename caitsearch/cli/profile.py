@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..console import out
-from ..models import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
 from .app import app, emit_json
 from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..console import out
 from .app import app, emit_json
-from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
     ThreadsOpt, ValSizeOpt,
@@ -68,7 +68,6 @@ def search(
     """
     import optuna
 
-    from ..models import DEFAULT_MODEL
     from ..search import (
         BudgetRequest, DataRequest, MeasureRequest, SearchRequest, StudyRequest, run_search,
     )

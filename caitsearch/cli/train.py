@@ -8,12 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..console import out
-from ..device import resolve_device
-from ..measure import set_threads
-from ..models import DEFAULT_MODEL
+from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
 from .app import app, emit_json
-from .common import load_config
-from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from .options import (
     BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
     PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt,
@@ -76,10 +72,13 @@ def train(
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
     """
     from ..data import load_dataset
+    from ..device import resolve_device
     from ..errors import CaitsearchError
+    from ..measure import set_threads
     from ..models import model_spec
     from ..search import strategy_config
     from ..training import DENSE_LR, RETRAIN_LR, Recipe, load_teacher, retrain_compressed, train_dense
+    from .common import load_config
 
     set_threads(threads)
     dev = resolve_device(device)
