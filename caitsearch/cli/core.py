@@ -5,9 +5,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
+from ..console import print_table, say
 from ..errors import CaitsearchError
 from .app import app, emit_json
 from .options import (
@@ -68,16 +67,13 @@ def inspect(
     if as_json:
         emit_json(report)
         return
-    t = Table(title=f"{spec.name} {spec.img_size[0]}x{spec.img_size[1]}: {spec.depth} blocks, "
-                    f"{spec.num_heads} heads of {spec.head_dim}, MLP {spec.mlp_hidden}")
-    for col in ("block", "merge", "grid in→out", "tokens in→out", "qk", "v", "mlp", "MMACs"):
-        t.add_column(col, justify="right")
-    for b in report["blocks"]:
-        t.add_row(str(b["block"]), b["merge"], f"{b['grid_in'][0]}x{b['grid_in'][1]}→{b['grid_out'][0]}x{b['grid_out'][1]}",
-                  f"{b['tokens_in']}→{b['tokens_out']}", str(b["keep_qk"]), str(b["keep_v"]), str(b["keep_mlp"]),
-                  f"{b['macs'] / 1e6:.1f}")
-    out.print(t)
-    out.print(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
+    print_table(f"{spec.name} {spec.img_size[0]}x{spec.img_size[1]}: {spec.depth} blocks, "
+                f"{spec.num_heads} heads of {spec.head_dim}, MLP {spec.mlp_hidden}",
+                ("block", "merge", "grid in→out", "tokens in→out", "qk", "v", "mlp", "MMACs"),
+                ((b["block"], b["merge"], f"{b['grid_in'][0]}x{b['grid_in'][1]}→{b['grid_out'][0]}x{b['grid_out'][1]}",
+                  f"{b['tokens_in']}→{b['tokens_out']}", b["keep_qk"], b["keep_v"], b["keep_mlp"], f"{b['macs'] / 1e6:.1f}")
+                 for b in report["blocks"]))
+    say(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
               f"({report['dense_macs'] / 1e9:.3f} GMACs)")
 
 
@@ -141,14 +137,11 @@ def bench(
     if as_json:
         emit_json(result)
         return
-    t = Table(title=f"{spec.name}, batch {batch_size}, {dtype} on {dev} ({n_threads} threads)")
-    for col in ("model", "median ms", "p90 ms", "spread"):
-        t.add_column(col, justify="right")
-    for name in ("dense", "compressed"):
-        s = result[name]
-        t.add_row(name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
-    out.print(t)
-    out.print(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
+    print_table(f"{spec.name}, batch {batch_size}, {dtype} on {dev} ({n_threads} threads)",
+                ("model", "median ms", "p90 ms", "spread"),
+                ((name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
+                 for name, s in ((n, result[n]) for n in ("dense", "compressed"))))
+    say(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
               f"({result['realised']:.2f} of the MAC reduction realised)")
 
 
@@ -201,5 +194,5 @@ def export(
     if as_json:
         emit_json(result)
     else:
-        out.print(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB, {fmt} {dtype}); max |{fmt} - PyTorch| "
-                  f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g})", highlight=False)
+        say(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB, {fmt} {dtype}); max |{fmt} - PyTorch| "
+            f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g})")

@@ -5,11 +5,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
+from ..console import print_table, say
 from ..defaults import DEFAULT_MODEL
-from .app import app, emit_json
+from .app import app, emit_json, resumable
 from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
 
 profile_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
@@ -48,6 +47,7 @@ def profile(
     """
     if ctx.invoked_subcommand is not None:
         return
+    resumable()
     from ..profile import LatencyProfile, build_profile
 
     path = build_profile(model or DEFAULT_MODEL, img_size=img_size, backend=backend, batch_size=batch_size,
@@ -57,9 +57,9 @@ def profile(
     if as_json:
         emit_json(summary)
         return
-    out.print(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
-              f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
-              f"(correction {summary['correction']['scale']:.3f} x sum^{summary['correction']['exponent']:.3f})")
+    say(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
+        f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
+        f"(correction {summary['correction']['scale']:.3f} x sum^{summary['correction']['exponent']:.3f})")
 
 
 @profile_app.command()
@@ -91,14 +91,12 @@ def validate(
     if as_json:
         emit_json(result)
         return
-    t = Table(title=f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
-                    f"{result['configs']} random configs")
-    for col in ("measured", "MAPE", "within ±5%", "within ±10%", "Spearman", "worst"):
-        t.add_column(col, justify="right")
-    for label, r in (("vs dense in the same run", result), ("absolute ms", result["absolute"])):
-        t.add_row(label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
+    print_table(f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
+                f"{result['configs']} random configs",
+                ("measured", "MAPE", "within ±5%", "within ±10%", "Spearman", "worst"),
+                ((label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
                   f"{r['spearman']:.3f}", f"{r['max_error_pct']:.1f}%")
-    out.print(t)
+                 for label, r in (("vs dense in the same run", result), ("absolute ms", result["absolute"]))))
     lo, hi = result["drift_factor_range"]
-    out.print(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
-    out.print(f"scatter plot: {result['plot']}")
+    say(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
+    say(f"scatter plot: {result['plot']}")

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
+from ..console import print_table, say
 from .app import app, emit_json
 from .options import JsonOpt
 
@@ -21,7 +20,7 @@ def _print_written(written: dict[str, Path], as_json: bool, extra: dict) -> None
         emit_json({**extra, "files": {k: str(v) for k, v in written.items()}})
         return
     for name, path in written.items():
-        out.print(f"wrote {path}", highlight=False)
+        say(f"wrote {path}")
 
 
 @app.command()
@@ -60,10 +59,10 @@ def report(
     rec = run.recommended
     if not as_json:
         for note in run.notes:
-            out.print(f"note: {note}", highlight=False)
+            say(f"note: {note}")
         if rec:
-            out.print(f"recommended: trial {rec['trial']}, {rec['accuracy']:.1%} test accuracy, "
-                      f"{rec['speedup']:.2f}x faster than dense ({rec.get('path', '')})", highlight=False)
+            say(f"recommended: trial {rec['trial']}, {rec['accuracy']:.1%} test accuracy, "
+                f"{rec['speedup']:.2f}x faster than dense ({rec.get('path', '')})")
     _print_written(written, as_json, {"recommended": rec, "notes": run.notes})
 
 
@@ -90,14 +89,9 @@ def compare(
     written = write_compare(runs, out_dir, wanted)
     frame = compare_table(runs)
     if not as_json:
-        t = Table(title="runs compared")
-        for col in ("run", "device", "batch_size", "budget_ratio", "sampler", "trials", "candidates", "recommended",
-                    "accuracy", "speedup"):
-            t.add_column(col, justify="right")
-        for _, r in frame.iterrows():
-            t.add_row(*(_cell(r[c]) for c in ("run", "device", "batch_size", "budget_ratio", "sampler", "trials",
-                                               "candidates", "recommended", "accuracy", "speedup")))
-        out.print(t)
+        columns = ("run", "device", "batch_size", "budget_ratio", "sampler", "trials", "candidates", "recommended",
+                   "accuracy", "speedup")
+        print_table("runs compared", columns, ([_cell(r[c]) for c in columns] for _, r in frame.iterrows()))
     _print_written(written, as_json, {"runs": json.loads(frame.to_json(orient="records"))})
 
 

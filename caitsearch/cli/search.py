@@ -5,10 +5,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
-from .app import app, emit_json
+from ..console import print_table, say
+from .app import app, emit_json, resumable
 from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
@@ -66,6 +65,7 @@ def search(
 
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
     """
+    resumable()
     import optuna
 
     from ..search import (
@@ -93,16 +93,13 @@ def search(
         emit_json(summary)
         return
     dense = summary["dense"]
-    t = Table(title=f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
-                    f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
-    for col in ("", "accuracy", "measured ms", "predicted ms", "speedup", "retrained"):
-        t.add_column(col, justify="right")
-    t.add_row("dense", f"{dense['accuracy']:.2%}", f"{dense['latency_ms']:.3g}", f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
-    for c in summary["candidates"]:
-        t.add_row(f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.3g}",
-                  f"{c['predicted_latency_ms']:.3g}", f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
-    out.print(t)
+    rows = [("dense", f"{dense['accuracy']:.2%}", f"{dense['latency_ms']:.3g}", f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")]
+    rows += [(f"trial {c['trial']}", f"{c['accuracy']:.2%}", f"{c['latency_ms']:.3g}", f"{c['predicted_latency_ms']:.3g}",
+              f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no") for c in summary["candidates"]]
+    print_table(f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
+                f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})",
+                ("", "accuracy", "measured ms", "predicted ms", "speedup", "retrained"), rows)
     if not summary["candidates"]:
-        out.print(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
-                  "raise the budget, run more --trials or re-profile this machine.")
-    out.print(f"results in {out_dir}/summary.json and {out_dir}/results.csv")
+        say(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
+            "raise the budget, run more --trials or re-profile this machine.")
+    say(f"results in {out_dir}/summary.json and {out_dir}/results.csv")

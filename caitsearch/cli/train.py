@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import out
+from ..console import say
 from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
-from .app import app, emit_json
+from .app import app, emit_json, resumable
 from .options import (
     BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
     PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt,
@@ -71,6 +71,7 @@ def train(
 
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
     """
+    resumable()
     from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import CaitsearchError
@@ -108,5 +109,5 @@ def train(
     if as_json:
         emit_json(metrics)
     else:
-        out.print(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
+        say(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
                   f"weights in {Path(out_dir) / 'model.safetensors'}")

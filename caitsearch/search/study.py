@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import random
 import time
 import warnings
@@ -200,12 +201,20 @@ def make_objective(space: SearchSpace, proxy: AccuracyProxy, predict_ms: Callabl
     return objective
 
 
+def _not_failed_trial(record: logging.LogRecord) -> bool:
+    """Optuna logs every failed trial at WARNING with its traceback; here that is either Ctrl-C or
+    an error the command reports itself in one line, or a `SurplusTrial`, which is expected."""
+    return not record.getMessage().startswith("Trial ") or " failed with" not in record.getMessage()
+
+
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                on_trial: Optional[Callable[[int], None]] = None) -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
     earlier runs'); return how many this call finished."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
+    optuna_log.addFilter(_not_failed_trial)
     try:
         while count(study) + count(study, (TrialState.RUNNING,)) < n_trials:
             before = count(study)
@@ -217,6 +226,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 on_trial(done)
     finally:
         torch.set_num_threads(threads)
+        optuna_log.removeFilter(_not_failed_trial)
     return done_here
 
 
