@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typer._click import exceptions as typer_click
 
 from ..console import log_error
 from ..errors import CaitsearchError
+from ..io import to_json
 
 app = typer.Typer(
     name="caitsearch",
@@ -62,8 +62,8 @@ def resumable() -> None:
 
 
 def emit_json(data: Any) -> None:
-    """Machine-readable output for `--json`: one standard JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=1, default=float, allow_nan=False) + "\n")
+    """Machine-readable output for `--json`: one standard JSON document on stdout (NaN as null)."""
+    sys.stdout.write(to_json(data))
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -114,7 +114,8 @@ def _given(e: Exception) -> str:
         values = [item["input"] for item in errors()] if callable(errors) else []
     except (TypeError, KeyError):
         values = []
-    return f", not {values[0]!r}" if len(values) == 1 and isinstance(values[0], (str, int, float)) else ""
+    shown = [repr(v) for v in values if isinstance(v, (str, int, float))]
+    return f", not {' '.join(shown)}" if shown and len(shown) == len(values) else ""
 
 
 def _help_hint(e: Exception) -> str:

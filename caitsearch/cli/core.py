@@ -8,10 +8,11 @@ import typer
 
 from ..console import print_table, say
 from ..errors import CaitsearchError
+from ..io import check_input_dir, check_output_file
 from .app import app, emit_json
 from .options import (
-    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, ProfileOpt, StrategyOpt, ThreadsOpt,
+    AllowForeignOpt, BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, DeviceOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt,
+    NumClassesOpt, ProfileOpt, StrategyOpt, ThreadsOpt, check_inputs,
 )
 
 
@@ -57,6 +58,7 @@ def inspect(
 
       caitsearch inspect --config results/run/candidate-0/config.json --json
     """
+    check_inputs(config)
     from ..models import ModelSpec
     from .common import load_models
 
@@ -92,6 +94,7 @@ def bench(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    allow_foreign_profile: AllowForeignOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Time the dense timm model and the materialised compressed model in one interleaved run.
@@ -108,6 +111,7 @@ def bench(
 
       caitsearch bench --strategy tome --budget 0.6      # ToMe's r-schedule predicted at 0.6x dense
     """
+    check_inputs(config, checkpoint)
     import torch
 
     from ..device import resolve_device, resolve_dtype
@@ -118,7 +122,7 @@ def bench(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     n_threads = set_threads(threads)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
-                                         profile=profile)
+                                         profile=profile, allow_foreign=allow_foreign_profile)
     spec = ModelSpec.from_model(dense)
     dense, compressed = dense.to(dev, dt), compressed.to(dev, dt)
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size, device=dev, dtype=dt)
@@ -160,7 +164,7 @@ def export(
     batch_size: BatchOpt = 1,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (fp16: an FP16 graph; TensorRT 11 takes FP16 this way).")] = "fp32",
     tolerance: Annotated[Optional[float], typer.Option(
-        help="Largest allowed |exported - PyTorch| on the check batch (default: 1e-3 for fp32, 3e-2 for fp16).")] = None,
+        min=0, help="Largest allowed |exported - PyTorch| on the check batch (default: 1e-3 for fp32, 3e-2 for fp16).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the materialised compressed model (ATME included) and check it against PyTorch.
@@ -177,19 +181,23 @@ def export(
 
       caitsearch export --config cfg.json --checkpoint ckpt.pth --format onnx --out deit_small_cait.onnx
     """
-    from ..export import FORMATS, export_model
-    from .common import load_models
-
-    if fmt not in FORMATS:
-        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     if candidate is not None:
         if config is not None or checkpoint is not None:
             raise CaitsearchError("give either a candidate folder or --config/--checkpoint, not both.")
+        check_input_dir(candidate, "candidate folder")
         if not (candidate / "config.json").is_file() or not (candidate / "model.safetensors").is_file():
             raise CaitsearchError(f"{candidate} is not a candidate folder (it needs config.json and model.safetensors).")
         config, checkpoint = candidate / "config.json", candidate / "model.safetensors"
+    check_inputs(config, checkpoint)
+    default_out = {"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}
+    if out_path is not None or fmt in default_out:
+        check_output_file(out_path or Path(default_out[fmt]))
+    from ..export import check_export, export_model
+    from .common import load_models
+
+    check_export(fmt, dtype, tolerance)  # before the model is built: a bad request costs nothing
+    out_path = out_path or Path(default_out[fmt])
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
-    out_path = out_path or Path({"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}[fmt])
     result = export_model(compressed, fmt, out_path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)
     if as_json:
         emit_json(result)

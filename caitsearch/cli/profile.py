@@ -8,6 +8,7 @@ import typer
 
 from ..console import print_table, say
 from ..defaults import DEFAULT_MODEL
+from ..io import check_output_dir
 from .app import app, emit_json, resumable
 from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
 
@@ -48,6 +49,8 @@ def profile(
     if ctx.invoked_subcommand is not None:
         return
     resumable()
+    if out_dir is not None:
+        check_output_dir(out_dir)
     from ..profile import LatencyProfile, build_profile
 
     path = build_profile(model or DEFAULT_MODEL, img_size=img_size, backend=backend, batch_size=batch_size,
@@ -84,6 +87,8 @@ def validate(
 
       caitsearch profile validate hw_profiles/deit_small_patch16_224_224x224_torch-cpu_b32_fp32 --strategy tome
     """
+    if out_dir is not None:
+        check_output_dir(out_dir)
     from ..profile import validate_profile
 
     result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..console import print_table, say
+from ..errors import CaitsearchError
+from ..io import check_input_dir, check_output_dir
 from .app import app, emit_json
 from .options import JsonOpt
 
@@ -51,6 +53,8 @@ def report(
 
       caitsearch report results/search --storage postgresql://user@db-host/optuna
     """
+    check_input_dir(run_dir, "run folder")
+    check_output_dir(out_dir or run_dir / "report")
     from ..report import load_run, parse_formats, write_report
 
     wanted = parse_formats(formats)
@@ -82,6 +86,12 @@ def compare(
 
       caitsearch compare results/cpu-0.6 results/cpu-0.8 results/gpu-0.6 --out results/compare
     """
+    for path in run_dirs:
+        check_input_dir(path, "run folder")
+    twice = next((p for i, p in enumerate(run_dirs) if p.resolve() in {q.resolve() for q in run_dirs[:i]}), None)
+    if twice is not None:
+        raise CaitsearchError(f"run folder {twice} is given twice; compare distinct runs.")
+    check_output_dir(out_dir)
     from ..report import compare_table, load_run, parse_formats, write_compare
 
     wanted = parse_formats(formats)

@@ -9,9 +9,10 @@ import typer
 from ..console import print_table, say
 from .app import app, emit_json, resumable
 from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
+from ..io import check_output_dir
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
-    ThreadsOpt, ValSizeOpt,
+    ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 
@@ -66,6 +67,7 @@ def search(
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
     """
     resumable()
+    check_inputs(checkpoint=checkpoint)
     import optuna
 
     from ..search import (
@@ -78,6 +80,7 @@ def search(
     if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
         method = "" if strategy == "cait" else f"-{strategy}"
         out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
+    check_output_dir(out_dir)
     req = SearchRequest(
         out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
         data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,

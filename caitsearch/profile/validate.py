@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from ..config import CompressionConfig
 from ..console import Progress
-from ..errors import CaitsearchError
-from ..io import atomic_write, atomic_write_text
+from ..errors import CaitsearchError, reason
+from ..io import atomic_write, check_output_dir, write_json
 from ..models import create_model
 from ..space import SearchSpace
 from .backends import make_backend
@@ -77,13 +77,18 @@ def validate_profile(
     check the ToMe predictions the equal-latency comparisons rest on."""
     if configs < 2:
         raise CaitsearchError("validation needs at least 2 configs.")
-    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
-    m = prof.manifest
     if seed == 0:
         raise CaitsearchError("seed 0 drew the configs the correction was fitted on; pick another --seed.")
+    prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
+    m = prof.manifest
+    target = Path(out) if out else prof.path
+    check_output_dir(target)  # before the measurements, which would otherwise be lost
     model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
     prof.check_model(model)
-    space = SearchSpace(prof.spec, **m["space"])
+    try:
+        space = SearchSpace(prof.spec, **m["space"])
+    except (TypeError, ValueError) as e:
+        raise CaitsearchError(f"profile {prof.path} has unusable space settings ({reason(e, 120)}); build it again.") from e
     if strategy is not None:
         grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
         space = SearchSpace.for_strategy(prof.spec, strategy, **grid)
@@ -116,14 +121,13 @@ def validate_profile(
               "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
               "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed,
               "correction": {"scale": prof.scale, "exponent": prof.exponent}}
-    target = Path(out) if out else prof.path
     per_config = [{"predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
                    "drift_corrected_ms": c_ms, "p90_ms": r["p90_ms"], "spread": r["spread"], "config": c.to_dict()}
                   for p, r, c_ms, c in zip(predicted, rows, corrected, cfgs)]
     name = "validation" if strategy is None else f"validation-{strategy}"
     result["strategy"] = strategy
     result["plot"] = str(target / f"{name}.png")
-    atomic_write_text(target / f"{name}.json", json.dumps({**result, "configs_detail": per_config}, indent=1) + "\n")
+    write_json(target / f"{name}.json", {**result, "configs_detail": per_config})
     a = result["absolute"]
     title = (f"{m['model']} {m['backend']} b{m['batch_size']} {m['dtype']}{'' if strategy is None else ' ' + strategy}\n"
              f"vs dense in the same run: MAPE {result['mape_pct']:.1f}%, ±5% {result['within_5pct']:.0%}, "

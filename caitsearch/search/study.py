@@ -124,16 +124,32 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identi
     except optuna.exceptions.DuplicatedStudyError:  # resumed, or another worker was first
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
         created = False
-    stored = study.user_attrs.get("identity")
-    wanted = json.loads(json.dumps(identity))
-    if stored is None:
-        study.set_user_attr("identity", wanted)
-    elif stored != wanted:
-        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if study.user_attrs.get("identity") is None:
+        study.set_user_attr("identity", json.loads(json.dumps(identity)))
+    _same_identity(study, name, url, identity)
+    return study, created
+
+
+def check_identity(url: str, name: str, identity: dict) -> None:
+    """Refuse, before a run writes anything, a stored study `name` started with another identity;
+    creates nothing (a local database or a study that does not exist yet is fine)."""
+    if is_local(url) and not Path(url.split(":///", 1)[-1]).is_file():
+        return
+    try:
+        study = optuna.load_study(storage=_storage(url), study_name=name)
+    except KeyError:  # no such study yet: the run creates it
+        return
+    _same_identity(study, name, url, identity)
+
+
+def _same_identity(study: optuna.Study, name: str, url: str, identity: dict) -> None:
+    stored, wanted = study.user_attrs.get("identity"), json.loads(json.dumps(identity))
+    if stored is not None and stored != wanted:
+        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)) \
+            if isinstance(stored, dict) else ["identity"]
         raise CaitsearchError(
             f"study '{name}' in {redact(url)} was started with a different {', '.join(diff)}; "
             "use a new --study-name or --out folder.")
-    return study, created
 
 
 @contextlib.contextmanager
