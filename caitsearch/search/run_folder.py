@@ -40,6 +40,7 @@ from ..io import atomic_write, check_output_dir, write_json
 TRIAL_COLUMNS = ["number", "state", "kl", "agreement", "predicted_ms", "feasible", "warm_start", "config"]
 # what the report reads of each table: columns of numbers (None allowed) and of anything
 TRIAL_NUMBERS = ("number", "kl", "agreement", "predicted_ms")
+TRIAL_FLAGS = ("feasible", "warm_start")
 RESULT_NUMBERS = ("trial", "latency_ms", "predicted_latency_ms", "speedup", "macs")
 # what the report reads of summary.json and its candidates: field -> check
 NUMBER, POSITIVE, TEXT, MAPPING, LIST = "a number", "a positive number", "text", "an object", "a list"
@@ -145,12 +146,13 @@ class RunFolder:
     def read_trials(self) -> Optional[pd.DataFrame]:
         if not self.trials.is_file():
             return None
-        return _read_table(self.trials, TRIAL_COLUMNS, TRIAL_NUMBERS)
+        return _read_table(self.trials, TRIAL_COLUMNS, TRIAL_NUMBERS, TRIAL_FLAGS, nullable=True)
 
     def read_results(self) -> pd.DataFrame:
         if not self.results.is_file():
             return pd.DataFrame()
-        return _read_table(self.results, ["within_budget", *RESULT_NUMBERS], RESULT_NUMBERS)
+        return _read_table(self.results, ["within_budget", *RESULT_NUMBERS], RESULT_NUMBERS, ("within_budget",),
+                           nullable=False)
 
 
 def requested(manifest: dict, key: str) -> Any:
@@ -204,25 +206,31 @@ def _read_json(path: Path) -> Optional[dict]:
     return data
 
 
-def _read_table(path: Path, columns: list[str], numbers: tuple[str, ...]) -> pd.DataFrame:
-    """A Parquet table with at least `columns`, those in `numbers` numeric (or empty)."""
+def _read_table(path: Path, columns: list[str], numbers: tuple[str, ...], flags: tuple[str, ...],
+                nullable: bool) -> pd.DataFrame:
+    """A Parquet table with at least `columns`, those in `numbers` numeric (finite, positive where
+    they are latencies; empty only if `nullable`), those in `flags` true or false."""
     try:
         frame = pd.read_parquet(path)
     except Exception as e:  # truncated or corrupt Parquet: pyarrow raises several types
         raise CaitsearchError(f"{path} is corrupt or truncated ({reason(e, 120)}).") from e
     missing = [c for c in columns if c not in frame]
-    wrong = [c for c in numbers if c in frame and not _numbers(frame[c])]
+    wrong = [c for c in numbers if c in frame and not _numbers(frame[c], nullable, positive=c.endswith("_ms"))]
+    wrong += [c for c in flags if c in frame and not (pd.api.types.is_bool_dtype(frame[c])
+                                                      or all(v in (True, False) for v in frame[c]))]
     if missing or wrong:
         raise CaitsearchError(f"{path} lacks a valid column {', '.join((missing + wrong)[:3])}.")
     return frame
 
 
-def _numbers(column: pd.Series) -> bool:
-    if pd.api.types.is_bool_dtype(column):
-        return False
-    if pd.api.types.is_numeric_dtype(column):
-        return True
-    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in column)
+def _numbers(column: pd.Series, nullable: bool, positive: bool) -> bool:
+    def fits(v) -> bool:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return nullable
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return number and (not positive or v > 0)
+
+    return not pd.api.types.is_bool_dtype(column) and all(fits(v) for v in column.tolist())
 
 
 def _valid(value: Any, kind: str) -> bool:
@@ -234,9 +242,11 @@ def _valid(value: Any, kind: str) -> bool:
     return isinstance(value, {TEXT: str, MAPPING: dict, LIST: list}[kind])
 
 
-def _check_fields(data: dict, fields: dict[str, str], path: Path, where: str = "", optional: bool = False) -> None:
-    for key, kind in fields.items():  # `optional`: the field may be left out or null
-        if (data.get(key) is not None or not optional) and not _valid(data.get(key), kind):
+def _check_fields(data: dict, fields: dict[str, str], path: Path, where: str = "", optional: bool = False,
+                  nullable: bool = False) -> None:
+    """`optional`: a field may be left out; `nullable`: it may be null."""
+    for key, kind in fields.items():
+        if (key in data or not optional) and not (nullable and data.get(key) is None) and not _valid(data.get(key), kind):
             raise CaitsearchError(f"{path}: '{where}{key}' must be {kind}, not {_shown(data.get(key))}.")
 
 
@@ -256,15 +266,15 @@ def check_summary(summary: dict, path: Path) -> dict:
         if not isinstance(dense, dict):
             raise CaitsearchError(f"{path}: 'dense' must be an object.")
         _check_fields(dense, {"accuracy": NUMBER, "latency_ms": POSITIVE}, path, "dense.")
-        _check_fields(dense, {"predicted_latency_ms": POSITIVE}, path, "dense.", optional=True)
+        _check_fields(dense, {"predicted_latency_ms": POSITIVE}, path, "dense.", optional=True, nullable=True)
     if not isinstance(summary.get("over_budget", []), list):
         raise CaitsearchError(f"{path}: 'over_budget' must be a list.")
     for i, c in enumerate(summary["candidates"]):
         if not isinstance(c, dict):
             raise CaitsearchError(f"{path}: candidate {i} must be an object.")
         _check_fields(c, CANDIDATE_FIELDS, path, f"candidates[{i}].")
-        _check_fields(c, {"timing": MAPPING, "path": TEXT, "proxy_agreement": NUMBER}, path, f"candidates[{i}].",
-                      optional=True)
+        _check_fields(c, {"timing": MAPPING, "path": TEXT}, path, f"candidates[{i}].", optional=True)
+        _check_fields(c, {"proxy_agreement": NUMBER}, path, f"candidates[{i}].", optional=True, nullable=True)
         try:
             CompressionConfig.from_dict(c["config"])
         except CaitsearchError as e:
