@@ -1,5 +1,6 @@
 """Shared fixtures: a quick latency profile and a briefly trained checkpoint of the embedded default
-model, a tiny Fashion-MNIST slice, a throwaway PostgreSQL server, and a CLI runner."""
+model, a tiny Fashion-MNIST slice, one small real search run, a throwaway PostgreSQL server, and a
+CLI runner."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# a search small enough for tests: few images, one thread, short timing and retraining
+TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
+        "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
 
 
 def run_cli(*args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
@@ -56,6 +60,17 @@ def dense_checkpoint(tmp_path_factory, fashion_mnist) -> Path:
     out = tmp_path_factory.mktemp("dense")
     train_dense(model, splits, Recipe(epochs=1, batch_size=128, lr=1e-3), out, progress=False)
     return out / MODEL_FILE
+
+
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory, quick_profile, dense_checkpoint) -> Path:
+    """One real search (6 trials, 2 re-measured, 1 retrained), shared by the modules that read runs:
+    treat it as read-only (copy it to change it)."""
+    run = tmp_path_factory.mktemp("search") / "run"
+    res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
+                  "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import typer
 from typer._click import exceptions as typer_click
 
 from ..console import log_error
-from ..errors import CaitsearchError
+from ..errors import CaitsearchError, reason
 from ..io import to_json
 
 app = typer.Typer(
@@ -129,7 +129,7 @@ def _internal_error(e: BaseException) -> int:
         raise e
     path = write_crash_log(e)
     where = f"the traceback is in {path}" if path else "set CAITSEARCH_DEBUG=1 for the traceback"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = reason(e) if str(e).strip() else ""
     log_error(f"{type(e).__name__}: {first} (a bug in caitsearch; {where}; please report it).", prefix="internal error")
     return 1
 

@@ -76,7 +76,7 @@ def inspect(
                   f"{b['tokens_in']}→{b['tokens_out']}", b["keep_qk"], b["keep_v"], b["keep_mlp"], f"{b['macs'] / 1e6:.1f}")
                  for b in report["blocks"]))
     say(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
-              f"({report['dense_macs'] / 1e9:.3f} GMACs)")
+        f"({report['dense_macs'] / 1e9:.3f} GMACs)")
 
 
 @app.command()
@@ -146,7 +146,7 @@ def bench(
                 ((name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
                  for name, s in ((n, result[n]) for n in ("dense", "compressed"))))
     say(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
-              f"({result['realised']:.2f} of the MAC reduction realised)")
+        f"({result['realised']:.2f} of the MAC reduction realised)")
 
 
 @app.command()
