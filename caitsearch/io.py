@@ -123,6 +123,12 @@ def check_output_file(path: Path, what: str = "--out") -> Path:
     return path
 
 
+def holds_files(folder: Path) -> bool:
+    """Whether `folder` exists and holds anything but the temporary files a killed write leaves."""
+    folder = Path(folder)
+    return folder.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in folder.iterdir())
+
+
 def _check_creatable(folder: Path, what: str, shown: Path | None = None) -> None:
     shown = shown or folder
     existing = folder.absolute()

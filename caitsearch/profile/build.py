@@ -26,7 +26,7 @@ from ..config import CompressionConfig
 from ..console import Progress
 from ..device import DTYPES
 from ..errors import CaitsearchError, reason
-from ..io import atomic_write, atomic_write_text, check_output_dir
+from ..io import atomic_write, atomic_write_text, check_output_dir, holds_files
 from ..models import ModelSpec, create_model
 from ..space import SearchSpace
 from .backends import BACKENDS, check_backend, make_backend
@@ -202,7 +202,7 @@ def build_profile(
     res = QUICK if quick else FULL
     directory = Path(out) if out else default_profile_path(spec.name, spec.img_size, backend, batch_size, dtype)
     check_output_dir(directory)
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
+    if holds_files(directory) and not (directory / MANIFEST).exists():
         raise CaitsearchError(f"{directory} holds files but no latency profile; pass a new or empty --out.")
     be = make_backend(backend, dtype, threads, cuda_graphs)
     settings = {"model": spec.name, "img_size": list(spec.img_size), "num_classes": spec.num_classes,

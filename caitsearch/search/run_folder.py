@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..config import CompressionConfig
 from ..errors import CaitsearchError, reason
-from ..io import atomic_write, check_output_dir, write_json
+from ..io import atomic_write, check_output_dir, holds_files, write_json
 
 TRIAL_COLUMNS = ["number", "state", "kl", "agreement", "predicted_ms", "feasible", "warm_start", "config"]
 # what the report reads of each table: columns of numbers (None allowed) and of anything
@@ -96,7 +96,7 @@ class RunFolder:
         """Refuse, before anything is written, a folder a search cannot make its own: one that
         cannot be written, or holds files but no run of a search (another command's output)."""
         check_output_dir(self.path)
-        if self.path.is_dir() and any(self.path.iterdir()) and "request" not in self.read_manifest():
+        if holds_files(self.path) and "request" not in self.read_manifest():
             raise CaitsearchError(f"--out {self.path} holds files but no search run (no manifest.json of one); "
                                   "pass a new or empty folder.")
 
