@@ -179,9 +179,7 @@ def _pretrained(name: str, **kwargs) -> nn.Module:
     try:
         constants.HF_HUB_OFFLINE = offline or not _reachable(constants.ENDPOINT)
         return timm.create_model(name, pretrained=True, **kwargs)
-    except CaitsearchError:
-        raise
-    except Exception as e:  # no network, no cached copy, a failed download, a missing file on the hub
+    except OSError as e:  # no network and no cached copy, a failed download (hub and HTTP errors are OSErrors)
         where = "the hub is out of reach and they are not cached" if constants.HF_HUB_OFFLINE else reason(e)
         raise CaitsearchError(f"could not fetch the pretrained weights of {name} ({where}); "
                               "--checkpoint FILE works offline.") from e

@@ -9,6 +9,7 @@ a real run are marked slow.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -544,3 +545,23 @@ def test_error_boundary_maps_every_ending_to_one_line(raised, code, line, tmp_pa
         assert len(logs) == 1 and str(logs[0]) in lines[0] and "ZeroDivisionError" in logs[0].read_text()
     assert app_module.run(["boom", "--nope"]) == 2  # typer's bundled click: a usage error
     assert "No such option: --nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_a_progress_bar_is_cleared_when_its_work_fails(fails):
+    """On a terminal the bar stays when the work finishes and is erased when it ends in an error or
+    Ctrl-C, so the error line that follows stands alone."""
+    import io
+
+    from rich.console import Console
+
+    from caitsearch.console import Progress
+
+    terminal = io.StringIO()
+    with pytest.raises(CaitsearchError) if fails else contextlib.nullcontext():
+        with Progress(True, console=Console(file=terminal, force_terminal=True, width=80)) as bar:
+            bar.task("train", total=10).advance(3)
+            if fails:
+                raise CaitsearchError("training diverged")
+    erased = terminal.getvalue().endswith("\x1b[2K")  # cursor up, line erased
+    assert erased == fails
