@@ -174,9 +174,10 @@ def test_committed_default_weights_load_automatically_and_classify_fashion_mnist
 
 @pytest.mark.slow
 @needs_fmnist
-def test_train_strategy_budget_retrains_that_strategys_schedule(tmp_path):
-    out = tmp_path / "cdcp"
-    res = run_cli("train", "--strategy", "cdcp", "--budget", "0.6", "--epochs", "1", "--train-limit", "256",
+def test_train_strategy_budget_retrains_that_strategys_schedule(tmp_path, quick_profile):
+    out = tmp_path / "cdcp"  # the session's profile: without --profile, train would profile into hw_profiles/
+    res = run_cli("train", "--strategy", "cdcp", "--budget", "0.6", "--profile", quick_profile, "--epochs", "1",
+                  "--train-limit", "256",
                   "--test-limit", "128", "--threads", "1", "--out", out, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     config = CompressionConfig.load(out / "config.json")
