@@ -3,8 +3,10 @@ model, a tiny Fashion-MNIST slice, one small real search run, a throwaway Postgr
 CLI runner."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,22 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # a search small enough for tests: few images, one thread, short timing and retraining
 TINY = ["--calib-size", "256", "--proxy-size", "64", "--train-limit", "512", "--test-limit", "256",
         "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128"]
+
+
+def pytest_configure(config) -> None:
+    """Hypothesis keeps caches (constants, unicode tables) in ./.hypothesis: put them in a
+    temporary folder instead, removed at the end, so tests write nothing into the repository."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    config.hypothesis_home = tempfile.mkdtemp(prefix="caitsearch-tests-hypothesis-")
+    set_hypothesis_home_dir(config.hypothesis_home)
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "hypothesis_home", None):
+        shutil.rmtree(config.hypothesis_home, ignore_errors=True)
 
 
 def run_cli(*args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
