@@ -22,7 +22,7 @@ from typing import Iterable, Union
 from torch import nn
 
 from .errors import ConfigError
-from .io import atomic_write_text
+from .io import atomic_write_text, check_input_file
 from .models import ModelSpec
 
 
@@ -149,13 +149,13 @@ class CompressionConfig:
         for key in ("model", "img_size", "blocks"):
             if key not in data:
                 raise ConfigError(f"compression config is missing '{key}'.")
-        if not isinstance(data["model"], str):
-            raise ConfigError("'model' must be a timm model name.")
+        if not isinstance(data["model"], str) or not data["model"]:
+            raise ConfigError(f"'model' must be a timm model name, not {_shown(data['model'])}.")
         size = data["img_size"]
         if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
-            raise ConfigError("'img_size' must be two positive integers [height, width].")
-        if not isinstance(data["blocks"], list):
-            raise ConfigError("'blocks' must be a list with one entry per block.")
+            raise ConfigError(f"'img_size' must be two positive integers [height, width], not {_shown(size)}.")
+        if not isinstance(data["blocks"], list) or not data["blocks"]:
+            raise ConfigError(f"'blocks' must be a list with one entry per block, not {_shown(data['blocks'])}.")
         blocks = [_block_from_dict(i, b) for i, b in enumerate(data["blocks"])]
         return cls(model=data["model"], img_size=(int(size[0]), int(size[1])), blocks=blocks)
 
@@ -168,16 +168,24 @@ class CompressionConfig:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "CompressionConfig":
-        path = Path(path)
+        """Read a config file; anything but a UTF-8 JSON config is refused with one sentence."""
+        path = check_input_file(Path(path), "config")
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}.") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON.") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config {path} is not valid JSON (line {e.lineno}: {e.msg}).") from e
-        return cls.from_dict(data)
+        except RecursionError as e:
+            raise ConfigError(f"config {path} is nested too deeply to be a compression config.") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"config {path}: {e}") from e
 
     def save(self, path: Union[str, Path]) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
@@ -279,6 +287,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _shown(value, limit: int = 60) -> str:
+    """A value from a config file as it can be quoted in a message: short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _block_from_dict(i: int, b: dict) -> BlockConfig:
     if not isinstance(b, dict):
         raise ConfigError(f"block {i} must be an object with {', '.join(_BLOCK_KEYS)}.")
@@ -291,12 +305,12 @@ def _block_from_dict(i: int, b: dict) -> BlockConfig:
     axis = b.get("merge_axis", MergeAxis.NONE)
     count = b.get("merge_count", 0)
     if not isinstance(axis, str) or axis not in MERGE_AXES:
-        raise ConfigError(f"block {i}: merge_axis is {axis!r} but must be one of {', '.join(MERGE_AXES)}.")
+        raise ConfigError(f"block {i}: merge_axis is {_shown(axis)} but must be one of {', '.join(MERGE_AXES)}.")
     axis = MergeAxis(axis)
     for key in ("merge_count", "keep_qk", "keep_v", "keep_mlp"):
         v = b.get(key, 0)
         if not _is_int(v):
-            raise ConfigError(f"block {i}: {key} must be an integer, not {v!r}.")
+            raise ConfigError(f"block {i}: {key} must be an integer, not {_shown(v)}.")
     if count < 0:
         raise ConfigError(f"block {i}: merge_count must not be negative.")
     if axis == MergeAxis.NONE and count:

@@ -2,7 +2,7 @@
 
 Results go to stdout (`say`), everything else to stderr (`log`, progress), so `--json` output stays
 one clean document. Text is printed without markup interpretation: a user's path such as
-`runs/[bold]x` is shown as typed, never read as rich markup. Progress is a rich bar on a terminal
+`runs/[bold]x` is shown as typed, never read as rich markup (error lines and tables too). Progress is a rich bar on a terminal
 and, where stderr is a file or a pipe (CI, `nohup`), one plain line per task every
 `CAITSEARCH_PROGRESS_SECONDS` (default 120) plus one when a task finishes, so long work is never
 silent in a log.
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 err = Console(stderr=True)
 out = Console(soft_wrap=True)
 
-__all__ = ["Progress", "Task", "err", "escape", "log", "out", "say"]
+__all__ = ["Progress", "Task", "err", "escape", "log", "log_error", "out", "print_table", "say"]
 
 
 def log(message: str) -> None:
@@ -30,6 +31,25 @@ def log(message: str) -> None:
 def say(message: str) -> None:
     """One line of results on stdout, printed literally."""
     out.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def log_error(message: str, prefix: str = "error") -> None:
+    """One line on stderr: a red `prefix:` and `message` printed literally, line breaks folded, so
+    an error is always exactly one line however it was worded."""
+    text = " ".join(message.split())
+    err.print(Text.assemble((f"{prefix}: ", "red"), text) if prefix else Text(text), highlight=False, soft_wrap=True)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """A right-aligned results table on stdout; the title and every cell are shown literally."""
+    from rich.table import Table
+
+    table = Table(title=Text(title))
+    for column in columns:
+        table.add_column(Text(column), justify="right")
+    for row in rows:
+        table.add_row(*(Text(str(cell)) for cell in row))
+    out.print(table)
 
 
 def _every_seconds() -> float:
@@ -119,6 +139,8 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         if self._rich is not None:
+            if exc[0] is not None:  # an error or Ctrl-C: clear the bar, so its one line stands alone
+                self._rich.live.transient = True
             self._rich.__exit__(*exc)
         elif self.enabled and exc[0] is None:
             for task in self.tasks:

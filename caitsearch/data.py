@@ -16,13 +16,17 @@ train` has never seen the images a search chooses on.
 Images are adapted to the model: channels are averaged / repeated to `spec.in_chans` and the
 size is changed to `spec.img_size`. Fashion-MNIST's 28x28 digits are scaled to 7/8 of the frame and
 zero-padded (exactly the usual 28 -> 32 padding for the default model), because its background
-is black; ImageFolder images are resized to the frame.
+is black; ImageFolder images are resized to the frame. Every image file of an ImageFolder is checked once,
+when the data set is loaded and before any work (`check_image`: its header, PIL's own check of the
+file, a JPEG's end marker, at most `MAX_PIXELS`), so a bad file is refused by name up front instead
+of ending a long run half-way.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .errors import CaitsearchError
+from .defaults import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from .errors import CaitsearchError, reason
 from .models import ModelSpec
 
 FASHION_MNIST = "fashion-mnist"
@@ -44,9 +49,8 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
-# held-out training images (see load_dataset); the defaults of every command, so they hold out the same ones
-CALIB_SIZE, PROXY_SIZE, VAL_SIZE = 512, 512, 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 50_000_000  # larger images are refused: decompression bombs, or not what a ViT is trained on
 
 
 @dataclass
@@ -174,6 +178,38 @@ def _image_files(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[i
     return files, labels
 
 
+def check_image(path: Path) -> None:
+    """Refuse, naming it, an image file that PIL cannot identify, that fails PIL's check of the
+    file (PNG checksums, truncation), a JPEG without its end marker (cut short), or one larger
+    than `MAX_PIXELS`. Reads headers and checksums only: nothing is decoded."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise CaitsearchError(f"image {path} claims {width}x{height} pixels, more than the "
+                                          f"{MAX_PIXELS // 1_000_000} megapixels caitsearch reads.")
+                im.verify()
+    except CaitsearchError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CaitsearchError(f"image {path} is too large to read ({reason(e, 120)}).") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
+        raise CaitsearchError(f"image {path} is not a readable image ({reason(e, 120)}); remove or replace it.") from e
+    if path.suffix.lower() in (".jpg", ".jpeg") and not _ends_with(path, b"\xff\xd9"):
+        raise CaitsearchError(f"image {path} is a JPEG cut short (no end marker); remove or replace it.")
+
+
+def _ends_with(path: Path, marker: bytes) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        return marker in f.read()  # a few bytes of padding after the marker are common
+
+
 def _pil_reader(files: Sequence[Path], chans: int) -> Callable[[int], torch.Tensor]:
     from PIL import Image
 
@@ -183,8 +219,8 @@ def _pil_reader(files: Sequence[Path], chans: int) -> Callable[[int], torch.Tens
         try:
             with Image.open(files[i]) as im:
                 array = np.asarray(im.convert(mode), dtype=np.uint8)
-        except OSError as e:
-            raise CaitsearchError(f"cannot read image {files[i]}: {e}") from e
+        except Exception as e:  # changed since it was checked, or a fault only decoding shows
+            raise CaitsearchError(f"cannot read image {files[i]}: {reason(e, 120)}") from e
         return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
     return read
@@ -207,6 +243,11 @@ def _image_folder(root: Path, spec: ModelSpec, mean, std) -> tuple[ImageDataset,
         files, labels = _image_files(folder, classes)
         if not files:
             raise CaitsearchError(f"ImageFolder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        if folder == train_dir and len(set(labels)) < 2:
+            raise CaitsearchError(f"ImageFolder {train_dir} has images of {len(set(labels))} class; a classifier needs "
+                                  "at least 2 class folders with images.")
+        for path in files:
+            check_image(path)
         out.append(ImageDataset(_pil_reader(files, chans), torch.tensor(labels), torch.arange(len(files)), frame))
     return out[0], out[1], classes
 

@@ -1,8 +1,9 @@
 """Export of materialised compressed models, always checked against PyTorch after writing.
 
-Every format follows one path: write the file atomically, load it back with its own runtime, run a
-fresh random batch through it and through the PyTorch model (fp32), and refuse the file when the
-largest difference exceeds the tolerance. Formats: ONNX (onnxruntime check; `dtype="fp16"` writes
+Every format follows one path: write a temporary file beside the output, load it back with its own
+runtime, run a fresh random batch through it and through the PyTorch model (fp32), and refuse it when
+the largest difference exceeds the tolerance; only a file that passed is renamed onto the output, so
+a failed export never replaces a good file. Formats: ONNX (onnxruntime check; `dtype="fp16"` writes
 an FP16 graph, which is how TensorRT 11 gets FP16 since it has no FP16 builder flag), TorchScript
 (traced: ATME's shapes are static, so tracing is exact), and TensorRT (an engine built from the
 ONNX file; needs the `tensorrt` package and an NVIDIA GPU, and has never run on the machines this
@@ -12,6 +13,7 @@ which is what can be checked without TensorRT.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,7 +23,7 @@ import torch
 
 from .device import DTYPES, tensorrt_missing
 from .errors import CaitsearchError
-from .io import atomic_write
+from .io import staged
 
 FORMATS = ("onnx", "torchscript", "tensorrt")
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # largest |exported - PyTorch fp32| on the check batch
@@ -40,11 +42,21 @@ def check_against_pytorch(model: torch.nn.Module, run: Callable[[torch.Tensor], 
     with torch.no_grad():
         want = model(check).float().numpy()
     if got.shape != want.shape:
-        raise CaitsearchError(f"{fmt} output has shape {got.shape}, PyTorch {want.shape}; {path} is suspect.")
+        raise CaitsearchError(f"{fmt} output has shape {got.shape}, PyTorch {want.shape}; {path} was not written.")
     diff = float(np.abs(got - want).max())
     if not diff <= tolerance:
-        raise CaitsearchError(f"{fmt} output differs from PyTorch by {diff:.2e} (> {tolerance:g}); {path} is suspect.")
+        raise CaitsearchError(f"{fmt} output differs from PyTorch by {diff:.2e} (> --tolerance {tolerance:g}); "
+                              f"{path} was not written.")
     return diff
+
+
+def check_export(fmt: str, dtype: str, tolerance: Optional[float]) -> None:
+    """Refuse, before any work, a format, dtype or tolerance no export could honour."""
+    if fmt not in WRITERS:
+        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    _dtype(dtype)
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise CaitsearchError(f"--tolerance must be a finite number of at least 0, not {tolerance:g}.")
 
 
 def _dtype(dtype: str) -> torch.dtype:
@@ -63,14 +75,10 @@ def _write_onnx(model: torch.nn.Module, path: Path, batch_size: int, dtype: str,
     dt = _dtype(dtype)
     net = copy.deepcopy(model).to(dt) if dt != torch.float32 else model
     x = _inputs(model, batch_size).to(dt)
-
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, verbose=False)
-        program.save(str(tmp))
-
-    atomic_write(path, write)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, verbose=False)
+    program.save(str(path))
 
 
 def export_onnx(model: torch.nn.Module, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
@@ -80,12 +88,13 @@ def export_onnx(model: torch.nn.Module, path: Path, batch_size: int = 1, toleran
 
     model, path = model.eval().float().cpu(), Path(path)
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
-    _write_onnx(model, path, batch_size, dtype, opset)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0].name
-    np_dtype = np.float16 if dtype == "fp16" else np.float32
-    diff = check_against_pytorch(model, lambda x: session.run(None, {feed: x.numpy().astype(np_dtype)})[0], path,
-                                 "ONNX", batch_size, tolerance)
+    with staged(path) as tmp:
+        _write_onnx(model, tmp, batch_size, dtype, opset)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        np_dtype = np.float16 if dtype == "fp16" else np.float32
+        diff = check_against_pytorch(model, lambda x: session.run(None, {feed: x.numpy().astype(np_dtype)})[0], path,
+                                     "ONNX", batch_size, tolerance)
     return _result(path, "onnx", diff, batch_size, dtype, tolerance, opset=opset)
 
 
@@ -96,17 +105,18 @@ def export_torchscript(model: torch.nn.Module, path: Path, batch_size: int = 1, 
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     dt = _dtype(dtype)
     net = copy.deepcopy(model).to(dt) if dt != torch.float32 else model
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
-        traced = torch.jit.trace(net, _inputs(model, batch_size).to(dt))
-        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
-        loaded = torch.jit.load(str(path), map_location="cpu")
+    with staged(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+            traced = torch.jit.trace(net, _inputs(model, batch_size).to(dt))
+            torch.jit.save(traced, str(tmp))
+            loaded = torch.jit.load(str(tmp), map_location="cpu")
 
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return loaded(x.to(dt)).float().numpy()
+        def run(x: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                return loaded(x.to(dt)).float().numpy()
 
-    diff = check_against_pytorch(model, run, path, "TorchScript", batch_size, tolerance)
+        diff = check_against_pytorch(model, run, path, "TorchScript", batch_size, tolerance)
     return _result(path, "torchscript", diff, batch_size, dtype, tolerance)
 
 
@@ -122,19 +132,27 @@ def export_tensorrt(model: torch.nn.Module, path: Path, batch_size: int = 1, tol
     model, path = model.eval().float().cpu(), Path(path)
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     onnx_path = path.with_suffix(".onnx")
-    _write_onnx(model, onnx_path, batch_size, dtype, opset)  # FP16 lives in the graph, not in a builder flag
+    with staged(onnx_path) as onnx_tmp, staged(path) as tmp:  # both renamed into place only once the check passed
+        _write_onnx(model, onnx_tmp, batch_size, dtype, opset)  # FP16 lives in the graph, not in a builder flag
+        diff = _build_and_check_engine(trt, model, onnx_tmp, tmp, path, batch_size, dtype, tolerance)
+    return _result(path, "tensorrt", diff, batch_size, dtype, tolerance, onnx=str(onnx_path),
+                   tensorrt=trt.__version__)
+
+
+def _build_and_check_engine(trt, model: torch.nn.Module, onnx_path: Path, engine_path: Path, path: Path,
+                            batch_size: int, dtype: str, tolerance: float) -> float:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CaitsearchError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
+        raise CaitsearchError(f"TensorRT cannot parse the ONNX export of {path}: {errors[:300]}")
     engine_bytes = builder.build_serialized_network(network, builder.create_builder_config())
     if engine_bytes is None:
-        raise CaitsearchError(f"TensorRT failed to build an engine from {onnx_path} (see its log above).")
-    atomic_write(path, lambda tmp: tmp.write_bytes(bytes(engine_bytes)))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        raise CaitsearchError(f"TensorRT failed to build an engine for {path} (see its log above).")
+    engine_path.write_bytes(bytes(engine_bytes))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -152,9 +170,7 @@ def export_tensorrt(model: torch.nn.Module, path: Path, batch_size: int = 1, tol
         stream.synchronize()
         return y.float().cpu().numpy()
 
-    diff = check_against_pytorch(model, run, path, "TensorRT", batch_size, tolerance)
-    return _result(path, "tensorrt", diff, batch_size, dtype, tolerance, onnx=str(onnx_path),
-                   tensorrt=trt.__version__)
+    return check_against_pytorch(model, run, path, "TensorRT", batch_size, tolerance)
 
 
 # ONNX ops whose output shape depends on tensor values, or that branch on them: TensorRT needs
@@ -217,7 +233,5 @@ WRITERS = {"onnx": export_onnx, "torchscript": export_torchscript, "tensorrt": e
 def export_model(model: torch.nn.Module, fmt: str, path: Path, batch_size: int = 1, tolerance: Optional[float] = None,
                  dtype: str = "fp32") -> dict:
     """Write `model` in `fmt` (onnx, torchscript, tensorrt) and check it against PyTorch."""
-    if fmt not in WRITERS:
-        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
-    _dtype(dtype)
+    check_export(fmt, dtype, tolerance)
     return WRITERS[fmt](model, path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)

@@ -11,9 +11,10 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:  # imported where used: `steady_allocator` runs at CLI start-up, before torch is needed
+    import torch
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,16 @@ def steady_allocator(threshold: int = 1 << 30) -> bool:
 
 def set_threads(threads: int | None) -> int:
     """Fix the intra-op thread count (all cores by default) and return it."""
+    import torch
+
     n = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
     return n
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    import torch
+
     if device.type == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,7 +90,6 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
-@torch.inference_mode()
 def measure_interleaved(
     fns: Mapping[str, Callable[[], object]],
     repeats: int = 20,
@@ -99,7 +103,13 @@ def measure_interleaved(
     """Time each callable `repeats` times in rotating interleaved order after warm-up (by count
     and by time). With `target_spread`, keep adding rounds up to `max_repeats` until every entry's
     spread is below it."""
-    device = torch.device(device)
+    import torch
+
+    with torch.inference_mode():
+        return _measure(fns, repeats, warmup, warmup_seconds, torch.device(device), max_repeats, target_spread, progress)
+
+
+def _measure(fns, repeats, warmup, warmup_seconds, device, max_repeats, target_spread, progress) -> dict[str, Timing]:
     timer = _timer(device)
     names = list(fns)
     deadline = time.perf_counter() + warmup_seconds

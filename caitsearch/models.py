@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import CaitsearchError
+from .defaults import DEFAULT_MODEL  # noqa: F401  (re-exported: the model every command defaults to)
+from .errors import CaitsearchError, reason
+from .io import check_input_file
 
 POOLS_THAT_AVERAGE = ("avg", "avgmax")
 
@@ -129,30 +131,78 @@ def create_model(
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise CaitsearchError(f"unknown timm model '{name}'; try `timm.list_models('*deit*')`.")
     if img_size is not None:
+        if len(img_size) != 2 or not all(int(s) > 0 for s in img_size):
+            raise CaitsearchError(f"--img-size must be a positive height and width, not {' '.join(map(str, img_size))}.")
         kwargs["img_size"] = tuple(int(s) for s in img_size)
+    if num_classes is not None and int(num_classes) < 1:
+        raise CaitsearchError(f"--num-classes must be at least 1, not {num_classes}.")
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     if in_chans is not None:
         kwargs["in_chans"] = int(in_chans)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = _pretrained(name, **kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:  # ViT-only arguments given to another family: say what it is instead
         if not kwargs:
-            raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+            raise CaitsearchError(f"cannot build '{name}': {reason(e)}") from e
         ModelSpec.from_model(timm.create_model(name, pretrained=False))
-        raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+        raise CaitsearchError(f"cannot build '{name}': {reason(e)}") from e
     except (ValueError, AssertionError, RuntimeError) as e:
-        raise CaitsearchError(f"cannot build '{name}': {str(e).splitlines()[0]}") from e
+        raise CaitsearchError(f"cannot build '{name}': {reason(e)}") from e
+    _check_patch_grid(model, name)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()
 
 
-def load_state(path: Path) -> dict:
-    """Read a state dict from a safetensors or weights-only torch file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaitsearchError(f"checkpoint {path} does not exist.")
+def _check_patch_grid(model: nn.Module, name: str) -> None:
+    """Refuse an input size the patch size does not divide: the patch embedding would silently
+    drop the edge pixels."""
+    pe = getattr(model, "patch_embed", None)
+    size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if size is None or patch is None:
+        return
+    if any(int(s) % int(p) for s, p in zip(size, patch)):
+        fits = " ".join(str(max(int(p), int(s) // int(p) * int(p))) for s, p in zip(size, patch))
+        raise CaitsearchError(f"{name} cuts {int(patch[0])}x{int(patch[1])} patches, which do not tile "
+                              f"--img-size {' '.join(str(int(s)) for s in size)} (the edge pixels would be dropped); "
+                              f"try --img-size {fits}.")
+
+
+def _pretrained(name: str, **kwargs) -> nn.Module:
+    """timm's hub weights, failing in seconds with one sentence where the hub is out of reach (hub
+    downloads otherwise retry for about a minute): offline, only cached weights are used."""
+    import timm
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        constants.HF_HUB_OFFLINE = offline or not _reachable(constants.ENDPOINT)
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # no network and no cached copy, a failed download (hub and HTTP errors are OSErrors)
+        where = "the hub is out of reach and they are not cached" if constants.HF_HUB_OFFLINE else reason(e)
+        raise CaitsearchError(f"could not fetch the pretrained weights of {name} ({where}); "
+                              "--checkpoint FILE works offline.") from e
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_weights_only(path: Path, what: str = "checkpoint", advice: str = "") -> object:
+    """Whatever a safetensors or weights-only torch file holds; a file that would run code, or is
+    corrupt, truncated or empty, is refused with one sentence (and `advice`, e.g. to delete it)."""
+    path = check_input_file(Path(path), what)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -160,32 +210,47 @@ def load_state(path: Path) -> dict:
             return load_file(str(path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CaitsearchError(
-            f"cannot read checkpoint {path}: it is not a plain weights file (loading it would run code, which caitsearch never does)."
-        ) from e
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text goes on to suggest weights_only=False: never quote it
+        raise CaitsearchError(f"cannot read {what} {path}: it is not a plain weights file (loading it would run "
+                              f"code, which caitsearch never does){advice}.") from e
     except Exception as e:  # corrupt or truncated file, wrong format
-        raise CaitsearchError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from e
+        raise CaitsearchError(f"cannot read {what} {path}: it is corrupt, truncated or not a weights file "
+                              f"({reason(e, 120)}){advice}.") from e
+
+
+def load_state(path: Path) -> dict:
+    """Read a state dict (names to tensors) from a safetensors or weights-only torch file."""
+    state = read_weights_only(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not state:
         raise CaitsearchError(f"checkpoint {path} holds no state dict.")
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CaitsearchError(f"checkpoint {path} is not a state dict of tensors ({bad!r} holds a "
+                              f"{type(state[bad]).__name__}).")
     return state
+
+
+def mismatch(own: dict, state: dict) -> Optional[str]:
+    """How a state dict fails to fit a model's own one (None when it fits), in a few words."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    example = (wrong or missing or unexpected)[0]
+    if example in wrong:
+        example += f": {list(state[example].shape)} in the file, {list(own[example].shape)} in the model"
+    return f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors (e.g. {example})"
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
     """Load weights into `model`, refusing a checkpoint made for a different architecture."""
     state = load_state(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        what = (
-            f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors"
-            + (f" (e.g. {(wrong or missing or unexpected)[0]})")
-        )
+    what = mismatch(model.state_dict(), state)
+    if what:
         raise CaitsearchError(f"checkpoint {path} does not fit model {model_name(model)}: {what}.")
     model.load_state_dict(state)
 
@@ -215,7 +280,6 @@ def _register_embedded_models() -> None:
     register_model(deit_fmnist_patch4_32)
 
 
-DEFAULT_MODEL = "deit_fmnist_patch4_32"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 

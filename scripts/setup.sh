@@ -18,7 +18,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import caitsearch, timm, optuna, psycopg2, pytest" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import caitsearch, timm, optuna, psycopg2, pytest, hypothesis" >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e ".[dev]"
 fi

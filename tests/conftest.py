@@ -1,9 +1,12 @@
 """Shared fixtures: a quick latency profile and a briefly trained checkpoint of the embedded default
-model, a tiny Fashion-MNIST slice, a throwaway PostgreSQL server, and a CLI runner."""
+model, a tiny Fashion-MNIST slice, one small real search run, a throwaway PostgreSQL server, and a
+CLI runner."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,22 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TINY = ["--calib-size", "256", "--proxy-size", "64", "--val-size", "256", "--train-limit", "512", "--test-limit", "256",
         "--threads", "1", "--remeasure", "2", "--repeats", "5", "--epochs", "1", "--batch-size", "128",
         "--finalists", "2", "--tune-steps", "2", "--minutes", "0"]
+
+
+def pytest_configure(config) -> None:
+    """Hypothesis keeps caches (constants, unicode tables) in ./.hypothesis: put them in a
+    temporary folder instead, removed at the end, so tests write nothing into the repository."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    config.hypothesis_home = tempfile.mkdtemp(prefix="caitsearch-tests-hypothesis-")
+    set_hypothesis_home_dir(config.hypothesis_home)
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "hypothesis_home", None):
+        shutil.rmtree(config.hypothesis_home, ignore_errors=True)
 
 
 def run_cli(*args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
@@ -60,6 +79,17 @@ def dense_checkpoint(tmp_path_factory, fashion_mnist) -> Path:
     out = tmp_path_factory.mktemp("dense")
     train_dense(model, splits, Recipe(epochs=1, batch_size=128, lr=1e-3), out, progress=False)
     return out / MODEL_FILE
+
+
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory, quick_profile, dense_checkpoint) -> Path:
+    """One real search (6 trials, 2 re-measured, 1 retrained), shared by the modules that read runs:
+    treat it as read-only (copy it to change it)."""
+    run = tmp_path_factory.mktemp("search") / "run"
+    res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
+                  "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return run
 
 
 @pytest.fixture(scope="session")

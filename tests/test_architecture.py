@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caitsearch"
 
 # what each layer is made of: a module (file stem) or a subpackage, directly under caitsearch/
 LAYERS = {
-    "base": {"errors", "io", "console", "device", "measure", "models", "data"},
+    "base": {"errors", "defaults", "io", "console", "device", "measure", "models", "data"},
     "core": {"config", "space", "compress"},
     "stage": {"profile", "search", "training", "report", "export", "segment", "tasks"},
     "cli": {"cli", "__main__"},

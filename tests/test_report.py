@@ -16,18 +16,7 @@ from PIL import Image, ImageStat
 
 from caitsearch.report import load_run, pareto_mask
 
-from conftest import TINY, assert_one_line_error, run_cli
-
-
-
-@pytest.fixture(scope="module")
-def search_run(tmp_path_factory, quick_profile, dense_checkpoint) -> Path:
-    """One real search (6 trials, 2 re-measured, 1 retrained) shared by the tests of this module."""
-    run = tmp_path_factory.mktemp("report") / "run"
-    res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
-                  "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return run
+from conftest import assert_one_line_error, run_cli  # search_run: the session's one real search (conftest)
 
 
 def _copy(run: Path, dest: Path) -> Path:

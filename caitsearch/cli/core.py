@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
-from rich.table import Table
 
-from ..config import CompressionConfig
-from ..console import out
-from ..device import resolve_device, resolve_dtype
+from ..console import print_table, say
 from ..errors import CaitsearchError
-from ..models import ModelSpec
+from ..io import check_input_dir, check_output_file
 from .app import app, emit_json
-from .common import load_models
+if TYPE_CHECKING:
+    from ..models import ModelSpec
+
 from .options import (
-    BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt, ProfileOpt,
-    StrategyOpt, ThreadsOpt,
+    AllowForeignOpt, BatchOpt, BudgetOpt, CheckpointOpt, ConfigOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
+    ProfileOpt, StrategyOpt, ThreadsOpt, check_inputs,
 )
 
 
-def config_report(spec: ModelSpec, config: CompressionConfig) -> dict:
-    """Per-block grid, tokens, widths and MACs of a config, with totals against dense."""
+def config_report(spec, config) -> dict:
+    """Per-block grid, tokens, widths and MACs of a `CompressionConfig` on a `ModelSpec`, with totals against dense."""
+    from ..config import CompressionConfig
+
     dense = CompressionConfig.dense(spec).macs(spec)
     macs = config.macs(spec)
     blocks = []
@@ -63,6 +63,10 @@ def inspect(
 
       caitsearch inspect --config results/run/candidate-0/config.json --json
     """
+    check_inputs(config)
+    from ..models import ModelSpec
+    from .common import load_models
+
     dense, cfg, _ = load_models(model, img_size, config, num_classes=num_classes)
     spec = ModelSpec.from_model(dense)
     report = config_report(spec, cfg)
@@ -70,17 +74,14 @@ def inspect(
     if as_json:
         emit_json(report)
         return
-    t = Table(title=f"{spec.name} {spec.img_size[0]}x{spec.img_size[1]}: {spec.depth} blocks, "
-                    f"{spec.num_heads} heads of {spec.head_dim}, MLP {spec.mlp_hidden}")
-    for col in ("block", "merge", "grid in→out", "tokens in→out", "qk", "v", "mlp", "MMACs"):
-        t.add_column(col, justify="right")
-    for b in report["blocks"]:
-        t.add_row(str(b["block"]), b["merge"], f"{b['grid_in'][0]}x{b['grid_in'][1]}→{b['grid_out'][0]}x{b['grid_out'][1]}",
-                  f"{b['tokens_in']}→{b['tokens_out']}", str(b["keep_qk"]), str(b["keep_v"]), str(b["keep_mlp"]),
-                  f"{b['macs'] / 1e6:.1f}")
-    out.print(t)
-    out.print(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
-              f"({report['dense_macs'] / 1e9:.3f} GMACs)")
+    print_table(f"{spec.name} {spec.img_size[0]}x{spec.img_size[1]}: {spec.depth} blocks, "
+                f"{spec.num_heads} heads of {spec.head_dim}, MLP {spec.mlp_hidden}",
+                ("block", "merge", "grid in→out", "tokens in→out", "qk", "v", "mlp", "MMACs"),
+                ((b["block"], b["merge"], f"{b['grid_in'][0]}x{b['grid_in'][1]}→{b['grid_out'][0]}x{b['grid_out'][1]}",
+                  f"{b['tokens_in']}→{b['tokens_out']}", b["keep_qk"], b["keep_v"], b["keep_mlp"], f"{b['macs'] / 1e6:.1f}")
+                 for b in report["blocks"]))
+    say(f"total {report['macs'] / 1e9:.3f} GMACs per image = {report['mac_ratio']:.3f} x dense "
+        f"({report['dense_macs'] / 1e9:.3f} GMACs)")
 
 
 @app.command()
@@ -101,6 +102,7 @@ def bench(
         "--device", help="cpu or cuda (default: the profile's device where a profile is used, else cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="fp32, fp16 or bf16 (default: the profile's where a profile is used, else fp32).")] = None,
+    allow_foreign_profile: AllowForeignOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Time the dense timm model and the materialised compressed model in one interleaved run.
@@ -121,15 +123,22 @@ def bench(
 
       caitsearch bench --config cfg.json --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16
     """
+    check_inputs(config, checkpoint)
+    import torch
+
+    from ..device import resolve_device, resolve_dtype
+    from ..models import ModelSpec
+    from .common import load_models
+
     if device is not None:
         resolve_device(device)  # a bad --device or --dtype is refused before any model is built
     if dtype is not None:
         resolve_dtype(dtype)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
-                                         profile=profile)
+                                         profile=profile, allow_foreign=allow_foreign_profile)
     spec = ModelSpec.from_model(dense)
     runtime, profile_path = bench_runtime(spec, profile is not None or budget is not None, profile, device, dtype,
-                                          threads, batch_size)
+                                          threads, batch_size, allow_foreign_profile)
     timings, telemetry = runtime.time_models({"dense": dense, "compressed": compressed}, spec, repeats=repeats,
                                              warmup=warmup)
     n_threads, dev, dtype, batch_size = torch.get_num_threads(), runtime.device, runtime.dtype, runtime.batch_size
@@ -149,28 +158,27 @@ def bench(
         emit_json(result)
         return
     graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
-    t = Table(title=f"{spec.name}, batch {batch_size}, {dtype} on {runtime.backend}{graphs} ({n_threads} threads)"
-                    + (f"\nas profiled in {profile_path}" if profile_path else ""))
-    for col in ("model", "median ms", "p90 ms", "spread"):
-        t.add_column(col, justify="right")
-    for name in ("dense", "compressed"):
-        s = result[name]
-        t.add_row(name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
-    out.print(t)
-    out.print(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
-              f"({result['realised']:.2f} of the MAC reduction realised)")
+    print_table(f"{spec.name}, batch {batch_size}, {dtype} on {runtime.backend}{graphs} ({n_threads} threads)"
+                + (f"\nas profiled in {profile_path}" if profile_path else ""),
+                ("model", "median ms", "p90 ms", "spread"),
+                ((name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['spread']:.1%}")
+                 for name, s in ((n, result[n]) for n in ("dense", "compressed"))))
+    say(f"speedup {speedup:.2f}x at {macs['mac_ratio']:.3f}x the MACs "
+        f"({result['realised']:.2f} of the MAC reduction realised)")
 
 
 def bench_runtime(spec: ModelSpec, use_profile: bool, profile: Optional[Path], device: Optional[str],
-                  dtype: Optional[str], threads: Optional[int], batch_size: Optional[int]):
+                  dtype: Optional[str], threads: Optional[int], batch_size: Optional[int],
+                  allow_foreign: bool = False):
     """The runtime `bench` times on, and the profile it comes from (None without one): with
     `use_profile`, the profile's runtime (`profile`, else this machine's default profile), which
     --device and --dtype may only agree with; else eager PyTorch on --device in --dtype."""
+    from ..device import resolve_device
     from ..profile import Runtime, find_profile
 
     if not use_profile:
         return Runtime.on_device(resolve_device(device or "cpu"), dtype or "fp32", threads, batch_size or 32), None
-    prof = find_profile(spec, profile)
+    prof = find_profile(spec, profile, allow_foreign=allow_foreign)
     runtime = Runtime.of_profile(prof.manifest, threads=threads)
     if device is not None and resolve_device(device).type != runtime.device.type:
         raise CaitsearchError(f"profile {prof.path} was measured on {runtime.backend}; bench times on its runtime, "
@@ -198,7 +206,7 @@ def export(
     batch_size: BatchOpt = 1,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (fp16: an FP16 graph; TensorRT 11 takes FP16 this way).")] = "fp32",
     tolerance: Annotated[Optional[float], typer.Option(
-        help="Largest allowed |exported - PyTorch| on the check batch (default: 1e-3 for fp32, 3e-2 for fp16).")] = None,
+        min=0, help="Largest allowed |exported - PyTorch| on the check batch (default: 1e-3 for fp32, 3e-2 for fp16).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the materialised compressed model (ATME included) and check it against PyTorch.
@@ -215,21 +223,26 @@ def export(
 
       caitsearch export --config cfg.json --checkpoint ckpt.pth --format onnx --out deit_small_cait.onnx
     """
-    from ..export import FORMATS, export_model
-
-    if fmt not in FORMATS:
-        raise CaitsearchError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     if candidate is not None:
         if config is not None or checkpoint is not None:
             raise CaitsearchError("give either a candidate folder or --config/--checkpoint, not both.")
+        check_input_dir(candidate, "candidate folder")
         if not (candidate / "config.json").is_file() or not (candidate / "model.safetensors").is_file():
             raise CaitsearchError(f"{candidate} is not a candidate folder (it needs config.json and model.safetensors).")
         config, checkpoint = candidate / "config.json", candidate / "model.safetensors"
+    check_inputs(config, checkpoint)
+    default_out = {"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}
+    if out_path is not None or fmt in default_out:
+        check_output_file(out_path or Path(default_out[fmt]))
+    from ..export import check_export, export_model
+    from .common import load_models
+
+    check_export(fmt, dtype, tolerance)  # before the model is built: a bad request costs nothing
+    out_path = out_path or Path(default_out[fmt])
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint)
-    out_path = out_path or Path({"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.engine"}[fmt])
     result = export_model(compressed, fmt, out_path, batch_size=batch_size, tolerance=tolerance, dtype=dtype)
     if as_json:
         emit_json(result)
     else:
-        out.print(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB, {fmt} {dtype}); max |{fmt} - PyTorch| "
-                  f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g})", highlight=False)
+        say(f"wrote {out_path} ({result['bytes'] / 1e6:.1f} MB, {fmt} {dtype}); max |{fmt} - PyTorch| "
+            f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g})")

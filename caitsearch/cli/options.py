@@ -1,4 +1,6 @@
-"""Options shared by several commands, so every command spells and explains them the same way."""
+"""Options shared by several commands, so every command spells and explains them the same way.
+
+Like every CLI module it imports nothing heavy at the top: torch and timm load inside the commands."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..models import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
+from ..io import check_input_file
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help=f"timm model name (default: the config's model, else {DEFAULT_MODEL}).")]
 ImgSizeOpt = Annotated[Optional[tuple[int, int]], typer.Option(
-    "--img-size", help="Input height and width, e.g. --img-size 224 160 (default: the config's, else the model's).")]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier width (default: the model's).")]
+    "--img-size", min=1, help="Input height and width, e.g. --img-size 224 160 (default: the config's, else the model's).")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Classifier width (default: the model's).")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", help="Weights: a dense timm state dict or a compressed caitsearch one (.pth/.safetensors, loaded weights-only).")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Start from timm hub weights (needs network access).")]
@@ -40,3 +43,11 @@ ValSizeOpt = Annotated[int, typer.Option(
 AllowForeignOpt = Annotated[bool, typer.Option(
     "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one "
                                     "(predictions may be off).")]
+
+
+def check_inputs(config: Optional[Path] = None, checkpoint: Optional[Path] = None) -> None:
+    """The files --config and --checkpoint name, refused before torch loads when missing or a folder."""
+    if config is not None:
+        check_input_file(config, "config")
+    if checkpoint is not None:
+        check_input_file(checkpoint, "checkpoint")

@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
-from ..models import DEFAULT_MODEL
-from .app import app, emit_json
+from ..console import print_table, say
+from ..defaults import DEFAULT_MODEL
+from ..io import check_output_dir
+from .app import app, emit_json, resumable
 from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
 
 profile_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
@@ -48,6 +48,9 @@ def profile(
     """
     if ctx.invoked_subcommand is not None:
         return
+    resumable()
+    if out_dir is not None:
+        check_output_dir(out_dir)
     from ..profile import LatencyProfile, build_profile
 
     path = build_profile(model or DEFAULT_MODEL, img_size=img_size, backend=backend, batch_size=batch_size,
@@ -57,9 +60,9 @@ def profile(
     if as_json:
         emit_json(summary)
         return
-    out.print(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
-              f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
-              "(per-part factors " + ", ".join(f"{k} {v:.2f}" for k, v in summary["factors"].items()) + ")")
+    say(f"profile {path}: {summary['rows']} entries, {summary['backend']} {summary['dtype']} batch "
+        f"{summary['batch_size']}; dense model predicted {summary['dense_ms']:.2f} ms/batch "
+        "(per-part factors " + ", ".join(f"{k} {v:.2f}" for k, v in summary["factors"].items()) + ")")
 
 
 @profile_app.command()
@@ -86,6 +89,8 @@ def validate(
 
       caitsearch profile validate hw_profiles/deit_small_patch16_224_224x224_torch-cpu_b32_fp32 --strategy all --configs 40
     """
+    if out_dir is not None:
+        check_output_dir(out_dir)
     from ..profile import validate_profile
 
     result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,
@@ -93,17 +98,15 @@ def validate(
     if as_json:
         emit_json(result)
         return
-    t = Table(title=f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
-                    f"{result['configs']} random configs")
-    for col in ("configs", "measured", "MAPE", "within ±5%", "within ±10%", "signed mean", "Spearman", "worst"):
-        t.add_column(col, justify="right")
     rows = [(f"{name} (vs dense)", r) for name, r in result.get("families", {}).items()]
     rows += [("all, vs dense in the same run" if rows else "vs dense in the same run", result),
              ("absolute ms", result["absolute"])]
-    for label, r in rows:
-        t.add_row(str(r["configs"]), label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
+    print_table(f"{result['model']} on {result['backend']}, batch {result['batch_size']} {result['dtype']}: "
+                f"{result['configs']} random configs",
+                ("configs", "measured", "MAPE", "within ±5%", "within ±10%", "signed mean", "Spearman", "worst"),
+                ((r["configs"], label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
                   f"{r['signed_mean_error_pct']:+.1f}%", f"{r['spearman']:.3f}", f"{r['max_error_pct']:.1f}%")
-    out.print(t)
+                 for label, r in rows))
     lo, hi = result["drift_factor_range"]
-    out.print(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
-    out.print(f"scatter plot: {result['plot']}")
+    say(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
+    say(f"scatter plot: {result['plot']}")

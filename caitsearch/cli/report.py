@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out
+from ..console import print_table, say
+from ..errors import CaitsearchError
+from ..io import check_input_dir, check_output_dir
 from .app import app, emit_json
 from .options import JsonOpt
 
@@ -21,7 +22,7 @@ def _print_written(written: dict[str, Path], as_json: bool, extra: dict) -> None
         emit_json({**extra, "files": {k: str(v) for k, v in written.items()}})
         return
     for name, path in written.items():
-        out.print(f"wrote {path}", highlight=False)
+        say(f"wrote {path}")
 
 
 @app.command()
@@ -52,6 +53,8 @@ def report(
 
       caitsearch report results/search --storage postgresql://user@db-host/optuna
     """
+    check_input_dir(run_dir, "run folder")
+    check_output_dir(out_dir or run_dir / "report")
     from ..report import load_run, parse_formats, write_report
 
     wanted = parse_formats(formats)
@@ -60,10 +63,10 @@ def report(
     rec = run.recommended
     if not as_json:
         for note in run.notes:
-            out.print(f"note: {note}", highlight=False)
+            say(f"note: {note}")
         if rec:
-            out.print(f"recommended: trial {rec['trial']}, {rec['accuracy']:.1%} test accuracy, "
-                      f"{rec['speedup']:.2f}x faster than dense ({rec.get('path', '')})", highlight=False)
+            say(f"recommended: trial {rec['trial']}, {rec['accuracy']:.1%} test accuracy, "
+                f"{rec['speedup']:.2f}x faster than dense ({rec.get('path', '')})")
     _print_written(written, as_json, {"recommended": rec, "notes": run.notes})
 
 
@@ -83,6 +86,12 @@ def compare(
 
       caitsearch compare results/cpu-0.6 results/cpu-0.8 results/gpu-0.6 --out results/compare
     """
+    for path in run_dirs:
+        check_input_dir(path, "run folder")
+    twice = next((p for i, p in enumerate(run_dirs) if p.resolve() in {q.resolve() for q in run_dirs[:i]}), None)
+    if twice is not None:
+        raise CaitsearchError(f"run folder {twice} is given twice; compare distinct runs.")
+    check_output_dir(out_dir)
     from ..report import compare_table, load_run, parse_formats, write_compare
 
     wanted = parse_formats(formats)
@@ -90,14 +99,9 @@ def compare(
     written = write_compare(runs, out_dir, wanted)
     frame = compare_table(runs)
     if not as_json:
-        t = Table(title="runs compared")
-        for col in ("run", "device", "batch_size", "budget_ratio", "sampler", "trials", "candidates", "recommended",
-                    "accuracy", "speedup"):
-            t.add_column(col, justify="right")
-        for _, r in frame.iterrows():
-            t.add_row(*(_cell(r[c]) for c in ("run", "device", "batch_size", "budget_ratio", "sampler", "trials",
-                                               "candidates", "recommended", "accuracy", "speedup")))
-        out.print(t)
+        columns = ("run", "device", "batch_size", "budget_ratio", "sampler", "trials", "candidates", "recommended",
+                   "accuracy", "speedup")
+        print_table("runs compared", columns, ([_cell(r[c]) for c in columns] for _, r in frame.iterrows()))
     _print_written(written, as_json, {"runs": json.loads(frame.to_json(orient="records"))})
 
 

@@ -5,15 +5,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..console import out, say
-from ..search.request import DEFAULT_MINUTES
-from .app import app, emit_json
-from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..console import print_table, say
+from .app import app, emit_json, resumable
+from ..defaults import CALIB_SIZE, DEFAULT_MINUTES, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
+from ..io import check_output_dir
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
-    ThreadsOpt, ValSizeOpt,
+    ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 
@@ -89,9 +88,10 @@ def search(
 
       caitsearch search --budget 0.6 --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16   # timed in fp16 on the GPU, retrained there
     """
+    resumable()
+    check_inputs(checkpoint=checkpoint)
     import optuna
 
-    from ..models import DEFAULT_MODEL
     from ..search import (
         BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest, run_search,
     )
@@ -102,6 +102,7 @@ def search(
     if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
         method = "" if strategy == "cait" else f"-{strategy}"
         out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
+    check_output_dir(out_dir)
     req = SearchRequest(
         out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
         data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
@@ -118,17 +119,14 @@ def search(
         emit_json(summary)
         return
     dense = summary["dense"]
-    t = Table(title=f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
-                    f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
-    for col in ("", "family", "val acc", "test acc", "measured ms", "predicted ms", "speedup", "retrained"):
-        t.add_column(col, justify="right")
-    t.add_row("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
-              f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
-    for i, c in enumerate(summary["candidates"]):
-        t.add_row(("DEPLOY " if i == 0 else "") + f"trial {c['trial']}", c.get("family", ""), _pct(c["val_accuracy"]),
-                  _pct(c["accuracy"]), f"{c['latency_ms']:.3g}", f"{c['predicted_latency_ms']:.3g}",
-                  f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no")
-    out.print(t)
+    rows = [("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
+             f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")]
+    rows += [(("DEPLOY " if i == 0 else "") + f"trial {c['trial']}", c.get("family", ""), _pct(c["val_accuracy"]),
+              _pct(c["accuracy"]), f"{c['latency_ms']:.3g}", f"{c['predicted_latency_ms']:.3g}",
+              f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no") for i, c in enumerate(summary["candidates"])]
+    print_table(f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
+                f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})",
+                ("", "family", "val acc", "test acc", "measured ms", "predicted ms", "speedup", "retrained"), rows)
     for plan in summary.get("final_retraining", []):
         if plan.get("limited_by"):
             say(f"trial {plan['trial']} was retrained for {plan['steps']} of {plan['full_steps']} steps to fit "
@@ -136,9 +134,9 @@ def search(
     if summary.get("teacher", {}).get("warning"):
         say(f"warning: {summary['teacher']['warning']}")
     if not summary["candidates"]:
-        out.print(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
-                  "raise the budget, run more --trials or re-profile this machine.")
-    out.print(f"results in {out_dir}/summary.json and {out_dir}/results.csv")
+        say(f"no candidate stayed within budget when measured here ({len(summary['over_budget'])} over); "
+            "raise the budget, run more --trials or re-profile this machine.")
+    say(f"results in {out_dir}/summary.json and {out_dir}/results.csv")
 
 
 def _pct(value) -> str:

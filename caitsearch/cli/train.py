@@ -7,16 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import out
-from ..device import resolve_device
-from ..measure import set_threads
-from ..models import DEFAULT_MODEL
-from .app import app, emit_json
-from .common import load_config
-from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..console import say
+from ..defaults import CALIB_SIZE, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
+from ..io import check_output_dir
+from .app import app, emit_json, resumable
 from .options import (
-    BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt, NumClassesOpt,
-    PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt,
+    AllowForeignOpt, BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt,
+    NumClassesOpt, PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 DataOpt = Annotated[str, typer.Option(
@@ -51,6 +48,7 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resume checkpoints.")] = 50,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    allow_foreign_profile: AllowForeignOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a dense model, or retrain a compressed config with distillation from the dense one.
@@ -75,11 +73,17 @@ def train(
 
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
     """
+    resumable()
+    check_output_dir(out_dir)  # every refusal comes before the first training step, so none costs a run
+    check_inputs(config, checkpoint)
     from ..data import load_dataset
+    from ..device import resolve_device
     from ..errors import CaitsearchError
+    from ..measure import set_threads
     from ..models import model_spec
     from ..search import strategy_config
     from ..training import DENSE_LR, RETRAIN_LR, Recipe, load_teacher, retrain_compressed, train_dense
+    from .common import load_config
 
     set_threads(threads)
     dev = resolve_device(device)
@@ -87,27 +91,26 @@ def train(
     name = model or (cfg.model if cfg else DEFAULT_MODEL)
     size = img_size or (tuple(cfg.img_size) if cfg else None)
     spec = model_spec(name, img_size=size, num_classes=num_classes)
-    if strategy is not None or budget is not None:  # the config must lie in (or is picked from) the strategy's space
-        cfg = strategy_config(spec, strategy or "cait", budget, cfg, profile)
-        if cfg is not None:  # keep the config beside the weights it trains
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            cfg.save(Path(out_dir) / "config.json")
-    recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr or (DENSE_LR if cfg is None else RETRAIN_LR), seed=seed,
-                    save_every=save_every)
+    if cfg is not None:
+        cfg.validate(spec)  # a config of another model is named as such, before any weights are asked for
+    if strategy is not None or budget is not None or profile is not None:  # the config must lie in (or is picked from) the strategy's space
+        cfg = strategy_config(spec, strategy or "cait", budget, cfg, profile, allow_foreign_profile)
+    recipe = Recipe(epochs=epochs, batch_size=batch_size, seed=seed, save_every=save_every,
+                    lr=lr if lr is not None else (DENSE_LR if cfg is None else RETRAIN_LR))
     splits = load_dataset(data, spec, seed=seed, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
                           train_limit=train_limit, test_limit=test_limit)
     teacher = load_teacher(name, img_size=size, num_classes=num_classes or splits.num_classes, checkpoint=checkpoint,
                            pretrained=pretrained, data=splits.name, committed=cfg is not None)
+    if cfg is not None and teacher.source == "random init":
+        raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
     if cfg is None:  # dense training starts from whatever weights there are, or from scratch
         metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not as_json, device=dev)
     else:
-        if teacher.source == "random init":
-            raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
         _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not as_json, device=dev)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
         emit_json(metrics)
     else:
-        out.print(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
-                  f"weights in {Path(out_dir) / 'model.safetensors'}")
+        say(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
+            f"weights in {Path(out_dir) / 'model.safetensors'}")

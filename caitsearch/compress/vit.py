@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import BlockConfig, CompressionConfig, MergeAxis
 from ..errors import CaitsearchError
-from ..models import POOLS_THAT_AVERAGE, ModelSpec
+from ..models import POOLS_THAT_AVERAGE, ModelSpec, mismatch
 from .atme import TokenGrid
 from .cdcp import ChannelStats, attention_scores, head_rows, kept_indices, mlp_scores, slice_linear, top_k_mask
 from .tome import TokenSet
@@ -288,13 +288,13 @@ def is_compressed_state(state: dict) -> bool:
     return bool(state) and all(k.startswith("vit.") for k in state)
 
 
-def load_materialized(model: nn.Module, config: CompressionConfig, state: dict) -> CaitViT:
-    """Rebuild a materialised compressed model of `model` and `config` and load `state` into it."""
+def load_materialized(model: nn.Module, config: CompressionConfig, state: dict, source: object = "checkpoint") -> CaitViT:
+    """Rebuild a materialised compressed model of `model` and `config` and load `state` (read from
+    `source`, named in the error) into it."""
     skeleton = materialize(compress(model, config))
-    try:
-        skeleton.load_state_dict(state)
-    except RuntimeError as e:
-        raise CaitsearchError(
-            f"checkpoint does not fit {config.model} compressed with this config: {str(e).splitlines()[0][:160]}"
-        ) from e
+    what = mismatch(skeleton.state_dict(), state)
+    if what:
+        raise CaitsearchError(f"{source} does not fit {config.model} compressed with this config: {what}; "
+                              "pass the config it was saved with.")
+    skeleton.load_state_dict(state)
     return skeleton

@@ -24,11 +24,12 @@ from torch import nn
 from ..compress import compress, materialize
 from ..config import CompressionConfig
 from ..console import Progress
-from ..errors import CaitsearchError
-from ..io import atomic_write, atomic_write_text
+from ..device import DTYPES
+from ..errors import CaitsearchError, reason
+from ..io import atomic_write, atomic_write_text, check_output_dir, holds_files
 from ..models import ModelSpec, create_model
 from ..space import SearchSpace
-from .backends import check_backend, make_backend
+from .backends import BACKENDS, check_backend, make_backend
 from .fingerprint import differences, fingerprint
 from .plan import (
     FULL, QUICK, AttentionPart, Entry, HeadPart, MergePart, MlpPart, StemPart, merged_grid, one_block_model, plan,
@@ -52,25 +53,52 @@ def space_settings(space: SearchSpace) -> dict:
     return {k: getattr(space, k) for k in ("head_multiple", "mlp_multiple", "min_keep", "min_lines", "merge", "prune")}
 
 
+# what every manifest holds from the first group on (rows and table_sha256 come when it is complete)
+MANIFEST_FIELDS = {"model": str, "img_size": list, "num_classes": int, "backend": str, "batch_size": int, "dtype": str,
+                   "threads": (int, type(None)), "quick": bool, "space": dict, "spec": dict, "fingerprint": dict}
+TABLE_COLUMNS = {"kind": "object", "key": "object", "median_ms": "number", "tokens": "number", "qk": "number",
+                 "v": "number", "mlp": "number", "axis": "object", "config": "object"}
+
+
 def read_manifest(directory: Path) -> dict:
+    """A profile's manifest, refused with one sentence unless it has every field, of its type."""
     path = directory / MANIFEST
     if not path.is_file():
         raise CaitsearchError(f"no latency profile at {directory} ({MANIFEST} is missing); build one with `caitsearch profile`.")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaitsearchError(f"{path} is not a readable profile manifest ({e}); delete the profile and build it again.") from e
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, absurdly nested
+        raise CaitsearchError(f"{path} is not a readable profile manifest ({reason(e, 120)}); "
+                              "delete the profile and build it again.") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CaitsearchError(f"{path} is not a caitsearch profile manifest of format {FORMAT}; rebuild the profile.")
+    bad = [k for k, kind in MANIFEST_FIELDS.items() if not isinstance(manifest.get(k), kind) or isinstance(manifest.get(k), bool) != (kind is bool)]
+    size = manifest.get("img_size")
+    if not bad and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        bad = ["img_size"]
+    if not bad and (manifest["backend"] not in BACKENDS or manifest["dtype"] not in DTYPES or manifest["batch_size"] < 1):
+        bad = ["backend, dtype or batch_size"]
+    if bad:
+        raise CaitsearchError(f"{path} lacks a valid {', '.join(bad[:3])}; delete the profile and build it again.")
     return manifest
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    """A latency table, refused with one sentence when corrupt or missing a column."""
     try:
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
     except Exception as e:  # truncated or corrupt Parquet: pyarrow raises several types
-        raise CaitsearchError(f"latency table {path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+        raise CaitsearchError(f"latency table {path} is corrupt or truncated ({reason(e, 120)}); "
                               "delete the profile and build it again.") from e
+    if len(table):
+        wrong = [c for c, kind in TABLE_COLUMNS.items() if c not in table
+                 or (kind == "number" and not (pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().all()
+                                               and bool((table[c] >= (0 if c != "median_ms" else 1e-12)).all())
+                                               and bool((table[c] < float("inf")).all())))]
+        if wrong:
+            raise CaitsearchError(f"latency table {path} lacks a valid column {', '.join(wrong[:3])}; "
+                                  "delete the profile and build it again.")
+    return table
 
 
 def file_sha256(path: Path) -> str:
@@ -172,8 +200,11 @@ def build_profile(
     if space.spec != spec:
         raise CaitsearchError(f"the search space is for {space.spec.name} at {list(space.spec.img_size)}, not this model.")
     res = QUICK if quick else FULL
-    be = make_backend(backend, dtype, threads, cuda_graphs)
     directory = Path(out) if out else default_profile_path(spec.name, spec.img_size, backend, batch_size, dtype)
+    check_output_dir(directory)
+    if holds_files(directory) and not (directory / MANIFEST).exists():
+        raise CaitsearchError(f"{directory} holds files but no latency profile; pass a new or empty --out.")
+    be = make_backend(backend, dtype, threads, cuda_graphs)
     settings = {"model": spec.name, "img_size": list(spec.img_size), "num_classes": spec.num_classes,
                 "backend": backend, "batch_size": batch_size, "dtype": dtype,
                 "threads": be.threads if backend == "torch-cpu" else None, "quick": quick,

@@ -23,7 +23,7 @@ import pandas as pd
 from torch import nn
 
 from ..config import CompressionConfig, MergeAxis
-from ..errors import CaitsearchError
+from ..errors import CaitsearchError, reason
 from ..models import ModelSpec
 from .build import MANIFEST, TABLE, file_sha256, read_manifest, read_table
 from .fingerprint import differences, fingerprint
@@ -146,7 +146,13 @@ class LatencyProfile:
         if moved and not allow_foreign:
             raise CaitsearchError(f"profile {directory} was measured on another device ({'; '.join(moved[:3])}); "
                                   "pass --allow-foreign-profile to use it anyway.")
-        return cls(manifest, table, directory)
+        try:
+            return cls(manifest, table, directory)
+        except CaitsearchError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:  # edited by hand
+            raise CaitsearchError(f"profile {directory} does not hold a usable latency table ({reason(e, 120)}); "
+                                  "delete it and build it again.") from e
 
     def check_model(self, model: Union[ModelSpec, nn.Module]) -> None:
         """Refuse a model other than the one profiled (name, input size, widths or depth)."""

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from ..config import CompressionConfig
 from ..console import Progress
-from ..errors import CaitsearchError
-from ..io import atomic_write, atomic_write_text
+from ..errors import CaitsearchError, reason
+from ..io import atomic_write, check_output_dir, write_json
 from ..models import create_model
 from ..space import STRATEGIES, SearchSpace
 from .backends import make_backend
@@ -93,17 +93,22 @@ def validate_profile(
         raise CaitsearchError("seed 0 drew the configs the correction was fitted on; pick another --seed.")
     prof = LatencyProfile.load(path, allow_foreign=allow_foreign)
     m = prof.manifest
+    target = Path(out) if out else prof.path
+    check_output_dir(target)  # before the measurements, which would otherwise be lost
     model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
     prof.check_model(model)
     grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
     rng = random.Random(seed)
     drawn: list[tuple[str, CompressionConfig]] = []
-    for name in STRATEGY_SETS.get(strategy, (strategy,)):
-        space = SearchSpace(prof.spec, **m["space"]) if name is None else SearchSpace.for_strategy(prof.spec, name, **grid)
-        drawn += [(name or space.strategy, space.random_config(rng)) for _ in range(configs)]
+    try:
+        space = SearchSpace(prof.spec, **m["space"])  # the profile's own: what measure_group builds entries in
+        for name in STRATEGY_SETS.get(strategy, (strategy,)):
+            drawn_from = space if name is None else SearchSpace.for_strategy(prof.spec, name, **grid)
+            drawn += [(name or drawn_from.strategy, drawn_from.random_config(rng)) for _ in range(configs)]
+    except (TypeError, ValueError) as e:
+        raise CaitsearchError(f"profile {prof.path} has unusable space settings ({reason(e, 120)}); build it again.") from e
     res = QUICK if m.get("quick") else FULL
     be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
-    space = SearchSpace(prof.spec, **m["space"])
     entries = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for _, c in drawn]
     # the dense model is timed in every group: the shared machine drifts by a few percent over
     # minutes, and a config is judged by its latency relative to dense measured beside it
@@ -133,14 +138,13 @@ def validate_profile(
         result["families"] = {name: metrics([p for p, f in zip(predicted, families) if f == name],
                                             [c for c, f in zip(corrected, families) if f == name])
                               for name in dict.fromkeys(families)}
-    target = Path(out) if out else prof.path
     per_config = [{"family": f, "predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
                    "drift_corrected_ms": c_ms, "p90_ms": r["p90_ms"], "spread": r["spread"], "config": c.to_dict()}
                   for f, p, r, c_ms, (_, c) in zip(families, predicted, rows, corrected, drawn)]
     name = "validation" if strategy is None else f"validation-{strategy}"
     result["strategy"] = strategy
     result["plot"] = str(target / f"{name}.png")
-    atomic_write_text(target / f"{name}.json", json.dumps({**result, "configs_detail": per_config}, indent=1) + "\n")
+    write_json(target / f"{name}.json", {**result, "configs_detail": per_config})
     a = result["absolute"]
     title = (f"{m['model']} {m['backend']} b{m['batch_size']} {m['dtype']}{'' if strategy is None else ' ' + strategy}\n"
              f"vs dense in the same run: MAPE {result['mape_pct']:.1f}%, ±5% {result['within_5pct']:.0%}, "

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..config import CompressionConfig
 from ..errors import CaitsearchError
+from ..io import check_input_dir
 from ..models import ModelSpec, model_spec
 from ..search.run_folder import TRIAL_COLUMNS, RunFolder, requested, requested_budget, trial_rows
 
@@ -158,24 +159,27 @@ class Run:
         return {k: v for k, v in env.items() if v is not None}
 
 
-def _safetensors_numel(path: Path) -> int:
+def _safetensors_numel(path: Path) -> Optional[int]:
+    """Parameters in a safetensors file, from its header; None where it cannot be read (the table
+    then shows no count: a report is not the place to refuse a damaged weights file)."""
     from safetensors import safe_open
 
     total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= d
-            total += n
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    except Exception:  # safetensors raises its own error type, OSError or others for a damaged file
+        return None
     return total
 
 
 def load_run(path: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> Run:
     """Read RUN's files; trials come from `storage` when given, else RUN/trials.parquet, else RUN/study.db."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CaitsearchError(f"run folder {path} does not exist.")
+    path = check_input_dir(Path(path), "run folder")
     folder = RunFolder(path)
     manifest = folder.read_manifest()
     summary = folder.read_summary()
@@ -195,6 +199,8 @@ def load_run(path: Path, storage: Optional[str] = None, study_name: Optional[str
         trials, source = pd.DataFrame(columns=TRIAL_COLUMNS), ""
     if not manifest and summary is None and trials.empty:
         raise CaitsearchError(f"{path} is not a caitsearch run folder (no manifest.json, summary.json or trials).")
+    if summary is None and trials.empty:
+        raise CaitsearchError(f"run {path} has no trials yet (its search stopped before the first one); nothing to report.")
     results = folder.read_results()
     run = Run(path=path, summary=summary, manifest=manifest, trials=trials, results=results, trials_source=source,
               notes=notes)

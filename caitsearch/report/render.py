@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..config import CompressionConfig
 from ..errors import CaitsearchError
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, check_output_dir
 from .load import Run
 
 FORMATS = ("md", "html", "csv", "parquet", "json")
@@ -225,7 +225,7 @@ def write_report(run: Run, out: Path, formats: Sequence[str] = ("md", "html")) -
     """Figures, the candidates table and the chosen documents for one run, under `out`."""
     from .plots import figures_for
 
-    out = Path(out)
+    out = check_output_dir(Path(out))
     figures = figures_for(run, out)
     table = candidates_table(run)
     trials = run.trials.drop(columns=["config"], errors="ignore")
@@ -253,7 +253,7 @@ def compare_table(runs: Sequence[Run]) -> pd.DataFrame:
 def write_compare(runs: Sequence[Run], out: Path, formats: Sequence[str] = ("md", "html")) -> dict[str, Path]:
     from .plots import compare_figure, save
 
-    out = Path(out)
+    out = check_output_dir(Path(out))
     table = compare_table(runs)
     figure = save(compare_figure(runs), out / "compare.png")
     blocks: list[Block] = [("h1", f"caitsearch compare: {', '.join(r.name for r in runs)}"), ("img", figure),

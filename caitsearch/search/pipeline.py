@@ -152,21 +152,26 @@ def prepare(req: SearchRequest) -> Prepared:
             f"budget {budget.ms:.3g} ms ({budget.ratio:.2f}x dense) is below the fastest config in the space "
             f"({fastest:.3g} ms predicted); raise the budget.")
 
+    # every refusal (folder, device, data, checkpoint, another run's study) comes before the run
+    # folder is created or its manifest written, so a refused run changes nothing
     run = RunFolder(req.out)
+    run.check_reusable()
+    runtime = Runtime.of_profile(prof.manifest, threads=threads if prof.manifest.get("backend") == "torch-cpu" else None)
+    profile_device = runtime.device  # refuses a GPU profile where no GPU is visible, before any work
+    device = resolve_device(req.device) if req.device else profile_device
+    d = req.data
+    splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
+                          val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
+    given = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
+                         data=splits.name) if req.checkpoint is not None else None
+    st.check_identity(req.study.storage or run.sqlite_url(), req.study.name, study_identity(req, spec, prof, space, splits))
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_space(described)
     run.write_manifest(req.as_dict(), storage=st.redact(req.study.storage or run.sqlite_url()),
                        study_name=req.study.name, threads=threads, profile=prof.manifest)
-    runtime = Runtime.of_profile(prof.manifest, threads=threads if prof.manifest.get("backend") == "torch-cpu" else None)
-    profile_device = runtime.device  # refuses a GPU profile where no GPU is visible, before any work
-    device = resolve_device(req.device) if req.device else profile_device
-
-    d = req.data
-    splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
-                          val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
-    teacher = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
-                           data=splits.name,
-                           train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress, device))
+    teacher = given or load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, data=splits.name,
+                                    train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress,
+                                                    device))
     teacher.model.to(device)
     info = teacher_check(teacher.model, teacher.source, splits, req.recipe.batch_size)
     if info.get("warning"):
@@ -227,18 +232,22 @@ def warm_starts(space: SearchSpace, predict_ms: Callable[[CompressionConfig], fl
 # ---------------------------------------------------------------- study
 
 
+def study_identity(req: SearchRequest, spec: ModelSpec, prof: LatencyProfile, space: SearchSpace, splits: Splits) -> dict:
+    """What the user asked for, not derived floats: the same command always finds its own study."""
+    return {"model": spec.name, "img_size": list(spec.img_size), "budget": req.budget.identity(),
+            "profile": prof.manifest.get("table_sha256"),
+            "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "merge": space.merge_choices(),
+                      "families": list(space.families)},
+            "data": splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
+            "proxy_size": len(splits.proxy), "seed": req.seed}
+
+
 def run_study(p: Prepared) -> Studied:
     """Run the study up to its total trial count (resuming one that exists) and list the feasible trials."""
     req = p.request
     trials = req.study.trials or default_trials(p.space)
     url = req.study.storage or p.run.sqlite_url()
-    # what the user asked for, not derived floats: the same command always finds its own study
-    identity = {"model": p.spec.name, "img_size": list(p.spec.img_size), "budget": req.budget.identity(),
-                "profile": p.profile.manifest.get("table_sha256"),
-                "space": {"qk": p.space.qk_choices, "mlp": p.space.mlp_choices, "merge": p.space.merge_choices(),
-                          "families": list(p.space.families)},
-                "data": p.splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
-                "proxy_size": p.proxy.size, "seed": req.seed}
+    identity = study_identity(req, p.spec, p.profile, p.space, p.splits)
     sampler = st.make_sampler(req.study.sampler, st.worker_seed(req.seed, url), trials)
     study, created = st.open_study(url, req.study.name, sampler, identity)
     local = st.is_local(url)

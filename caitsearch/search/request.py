@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
+from ..defaults import CALIB_SIZE, DEFAULT_MINUTES, PROXY_SIZE, VAL_SIZE
 from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..training import Recipe
@@ -15,7 +15,6 @@ from ..training import Recipe
 
 # README's main job must finish within 20 minutes on any 2-core machine: the final retraining is cut
 # to whole steps that fit what is left of this (stated in the output, summary and report)
-DEFAULT_MINUTES = 18.0
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,14 @@ atomically::
     RUN/summary.json       {"budget": {"ratio", "ms"}, "dense": {"accuracy", "latency_ms"},
                             "candidates": [{"accuracy", "latency_ms", "predicted_latency_ms",
                             "speedup", "config", ...}, ...] best first, all measured within budget}
+
+The readers refuse, with one sentence naming the file, anything the report could not use: a file
+that is not JSON or Parquet, a field of the wrong type, a table without its columns.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -33,10 +37,22 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from ..errors import CaitsearchError
-from ..io import atomic_write, write_json
+from ..config import CompressionConfig
+from ..errors import CaitsearchError, reason
+from ..io import atomic_write, check_output_dir, holds_files, write_json
 
 TRIAL_COLUMNS = ["number", "state", "kl", "agreement", "predicted_ms", "feasible", "warm_start", "config"]
+# what the report reads of each table: columns of numbers (None allowed) and of anything
+TRIAL_NUMBERS = ("number", "kl", "agreement", "predicted_ms")
+TRIAL_FLAGS = ("feasible", "warm_start")
+RESULT_NUMBERS = ("trial", "latency_ms", "predicted_latency_ms", "speedup", "macs")
+# what the report reads of summary.json and its candidates: field -> check
+NUMBER, POSITIVE, TEXT, MAPPING, LIST = "a number", "a positive number", "text", "an object", "a list"
+SUMMARY_FIELDS = {"model": TEXT, "budget": MAPPING, "candidates": LIST}
+CANDIDATE_FIELDS = {"trial": "a trial number", "accuracy": NUMBER, "latency_ms": POSITIVE,
+                    "predicted_latency_ms": POSITIVE, "speedup": POSITIVE, "config": MAPPING}
+MANIFEST_FIELDS = {"command": LIST, "cwd": TEXT, "storage": TEXT, "study_name": TEXT, "profile": MAPPING,
+                   "request": MAPPING}
 
 
 class RunFolder:
@@ -93,6 +109,14 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.path / 'ranking.db').resolve()}"
 
+    def check_reusable(self) -> None:
+        """Refuse, before anything is written, a folder a search cannot make its own: one that
+        cannot be written, or holds files but no run of a search (another command's output)."""
+        check_output_dir(self.path)
+        if holds_files(self.path) and "request" not in self.read_manifest():
+            raise CaitsearchError(f"--out {self.path} holds files but no search run (no manifest.json of one); "
+                                  "pass a new or empty folder.")
+
     # ----- writing ------------------------------------------------------------------------------
     def write_manifest(self, request: dict, **extra: Any) -> None:
         """The command, versions and host, and what was asked (`request`), for the report's
@@ -126,19 +150,36 @@ class RunFolder:
 
     # ----- reading ------------------------------------------------------------------------------
     def read_manifest(self) -> dict:
-        return _read_json(self.manifest) or {}
+        manifest = _read_json(self.manifest) or {}
+        _check_fields(manifest, MANIFEST_FIELDS, self.manifest, optional=True)
+        if not all(isinstance(a, str) for a in manifest.get("command", [])):
+            raise CaitsearchError(f"{self.manifest}: 'command' must be a list of words.")
+        _check_fields(manifest.get("profile", {}), {"fingerprint": MAPPING}, self.manifest, "profile.", optional=True)
+        return manifest
 
     def read_summary(self) -> Optional[dict]:
-        return _read_json(self.summary)
+        summary = _read_json(self.summary)
+        if summary is not None:
+            check_summary(summary, self.summary)
+        return summary
 
     def read_trials(self) -> Optional[pd.DataFrame]:
-        return pd.read_parquet(self.trials) if self.trials.is_file() else None
+        if not self.trials.is_file():
+            return None
+        return _read_table(self.trials, TRIAL_COLUMNS, TRIAL_NUMBERS, TRIAL_FLAGS, nullable=True)
 
     def read_results(self) -> pd.DataFrame:
-        return pd.read_parquet(self.results) if self.results.is_file() else pd.DataFrame()
+        if not self.results.is_file():
+            return pd.DataFrame()
+        return _read_table(self.results, ["within_budget", *RESULT_NUMBERS], RESULT_NUMBERS, ("within_budget",),
+                           nullable=False)
 
     def read_ranking(self) -> pd.DataFrame:
-        return pd.read_parquet(self.ranking) if self.ranking.is_file() else pd.DataFrame()
+        if not self.ranking.is_file():
+            return pd.DataFrame()
+        frame = _read_table(self.ranking, ["trial"], ("trial",), (), nullable=False)
+        rungs = tuple(c for c in frame.columns if str(c).startswith("val_at_"))
+        return _read_table(self.ranking, ["trial"], ("trial", *rungs), (), nullable=True) if rungs else frame
 
     def read_remeasured(self) -> Optional[dict]:
         return _read_json(self.remeasured)
@@ -185,6 +226,87 @@ def _read_json(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise CaitsearchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from e
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, absurdly nested
+        raise CaitsearchError(f"{path} is not readable JSON ({reason(e, 120)}).") from e
+    if not isinstance(data, dict):
+        raise CaitsearchError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def _read_table(path: Path, columns: list[str], numbers: tuple[str, ...], flags: tuple[str, ...],
+                nullable: bool) -> pd.DataFrame:
+    """A Parquet table with at least `columns`, those in `numbers` numeric (finite, positive where
+    they are latencies; empty only if `nullable`), those in `flags` true or false."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # truncated or corrupt Parquet: pyarrow raises several types
+        raise CaitsearchError(f"{path} is corrupt or truncated ({reason(e, 120)}).") from e
+    missing = [c for c in columns if c not in frame]
+    wrong = [c for c in numbers if c in frame and not _numbers(frame[c], nullable, positive=c.endswith("_ms"))]
+    wrong += [c for c in flags if c in frame and not (pd.api.types.is_bool_dtype(frame[c])
+                                                      or all(v in (True, False) for v in frame[c]))]
+    if missing or wrong:
+        raise CaitsearchError(f"{path} lacks a valid column {', '.join((missing + wrong)[:3])}.")
+    return frame
+
+
+def _numbers(column: pd.Series, nullable: bool, positive: bool) -> bool:
+    def fits(v) -> bool:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return nullable
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return number and (not positive or v > 0)
+
+    return not pd.api.types.is_bool_dtype(column) and all(fits(v) for v in column.tolist())
+
+
+def _valid(value: Any, kind: str) -> bool:
+    if kind in (NUMBER, POSITIVE):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return number and (kind == NUMBER or value > 0)
+    if kind == "a trial number":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, {TEXT: str, MAPPING: dict, LIST: list}[kind])
+
+
+def _check_fields(data: dict, fields: dict[str, str], path: Path, where: str = "", optional: bool = False,
+                  nullable: bool = False) -> None:
+    """`optional`: a field may be left out; `nullable`: it may be null."""
+    for key, kind in fields.items():
+        if (key in data or not optional) and not (nullable and data.get(key) is None) and not _valid(data.get(key), kind):
+            raise CaitsearchError(f"{path}: '{where}{key}' must be {kind}, not {_shown(data.get(key))}.")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_summary(summary: dict, path: Path) -> dict:
+    """Refuse a summary.json whose fields the report reads are missing or of the wrong type."""
+    _check_fields(summary, SUMMARY_FIELDS, path)
+    for key in ("ratio", "ms"):
+        if summary["budget"].get(key) is not None and not _valid(summary["budget"][key], POSITIVE):
+            raise CaitsearchError(f"{path}: 'budget.{key}' must be a positive number.")
+    dense = summary.get("dense")
+    if dense is not None:
+        if not isinstance(dense, dict):
+            raise CaitsearchError(f"{path}: 'dense' must be an object.")
+        _check_fields(dense, {"accuracy": NUMBER, "latency_ms": POSITIVE}, path, "dense.")
+        _check_fields(dense, {"predicted_latency_ms": POSITIVE}, path, "dense.", optional=True, nullable=True)
+    if not isinstance(summary.get("over_budget", []), list):
+        raise CaitsearchError(f"{path}: 'over_budget' must be a list.")
+    for i, c in enumerate(summary["candidates"]):
+        if not isinstance(c, dict):
+            raise CaitsearchError(f"{path}: candidate {i} must be an object.")
+        _check_fields(c, CANDIDATE_FIELDS, path, f"candidates[{i}].")
+        _check_fields(c, {"timing": MAPPING, "path": TEXT}, path, f"candidates[{i}].", optional=True)
+        _check_fields(c, {"proxy_agreement": NUMBER}, path, f"candidates[{i}].", optional=True, nullable=True)
+        try:
+            CompressionConfig.from_dict(c["config"])
+        except CaitsearchError as e:
+            raise CaitsearchError(f"{path}: candidate {i}: {e}") from e
+    return summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import random
 import time
 import warnings
@@ -126,16 +127,32 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, identi
     except optuna.exceptions.DuplicatedStudyError:  # resumed, or another worker was first
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
         created = False
-    stored = study.user_attrs.get("identity")
-    wanted = json.loads(json.dumps(identity))
-    if stored is None:
-        study.set_user_attr("identity", wanted)
-    elif stored != wanted:
-        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if study.user_attrs.get("identity") is None:
+        study.set_user_attr("identity", json.loads(json.dumps(identity)))
+    _same_identity(study, name, url, identity)
+    return study, created
+
+
+def check_identity(url: str, name: str, identity: dict) -> None:
+    """Refuse, before a run writes anything, a stored study `name` started with another identity;
+    creates nothing (a local database or a study that does not exist yet is fine)."""
+    if is_local(url) and not Path(url.split(":///", 1)[-1]).is_file():
+        return
+    try:
+        study = optuna.load_study(storage=_storage(url), study_name=name)
+    except KeyError:  # no such study yet: the run creates it
+        return
+    _same_identity(study, name, url, identity)
+
+
+def _same_identity(study: optuna.Study, name: str, url: str, identity: dict) -> None:
+    stored, wanted = study.user_attrs.get("identity"), json.loads(json.dumps(identity))
+    if stored is not None and stored != wanted:
+        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)) \
+            if isinstance(stored, dict) else ["identity"]
         raise CaitsearchError(
             f"study '{name}' in {redact(url)} was started with a different {', '.join(diff)}; "
             "use a new --study-name or --out folder.")
-    return study, created
 
 
 @contextlib.contextmanager
@@ -203,12 +220,20 @@ def make_objective(space: SearchSpace, proxy: AccuracyProxy, predict_ms: Callabl
     return objective
 
 
+def _not_failed_trial(record: logging.LogRecord) -> bool:
+    """Optuna logs every failed trial at WARNING with its traceback; here that is either Ctrl-C or
+    an error the command reports itself in one line, or a `SurplusTrial`, which is expected."""
+    return not record.getMessage().startswith("Trial ") or " failed with" not in record.getMessage()
+
+
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None) -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
     earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
+    optuna_log.addFilter(_not_failed_trial)
     try:
         while count(study) + count(study, (TrialState.RUNNING,)) < n_trials and (
                 deadline is None or time.monotonic() < deadline):
@@ -221,6 +246,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 on_trial(done)
     finally:
         torch.set_num_threads(threads)
+        optuna_log.removeFilter(_not_failed_trial)
     return done_here
 
 

@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..console import Progress
-from ..errors import CaitsearchError
+from ..errors import CaitsearchError, reason
 from ..io import atomic_write
+from ..models import read_weights_only
 from .distributed import Dist
 from .recipe import Recipe
 
@@ -65,14 +66,16 @@ def steps_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:
     return max(1, train_size // (max(1, batch_size // world) * world))
 
 
+STATE_KEYS = {"model": dict, "optimizer": dict, "step": int, "seconds": (int, float), "fingerprint": str}
+
+
 def load_train_state(path: Path) -> dict:
-    """A resume checkpoint, read weights-only (no code runs from it)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CaitsearchError(f"cannot read training state {path}: {str(e).splitlines()[0][:200]}") from e
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CaitsearchError(f"{path} is not a caitsearch training state.")
+    """A resume checkpoint, read weights-only (no code runs from it); one that cannot be used is
+    refused with the advice to delete it (the run then starts over)."""
+    advice = f"; delete {path} to start the run over"
+    state = read_weights_only(path, "training state", advice)
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in STATE_KEYS.items()):
+        raise CaitsearchError(f"{path} is not a caitsearch training state{advice}.")
     return state
 
 
@@ -123,10 +126,13 @@ def fit(
         state = load_train_state(state_path)
         if state.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
             raise CaitsearchError(f"{out_dir} holds a run with different settings; pass a new --out or delete {state_path}.")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if load_extra:
-            load_extra(state.get("extra", {}))
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if load_extra:
+                load_extra(state.get("extra", {}))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CaitsearchError(f"{state_path} does not fit this run ({reason(e, 120)}); delete it to start over.") from e
         step, seconds_before = int(state["step"]), float(state["seconds"])
     resumed_from = step
 
