@@ -13,7 +13,7 @@ from ..console import log
 from ..data import Splits
 from ..models import model_name
 from .distributed import init_distributed
-from .loop import fit, total_steps
+from .loop import STATE_FILE, fit, load_train_state, total_steps
 from .outcome import check_classes, finish
 from .recipe import Recipe
 
@@ -31,6 +31,8 @@ def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path,
     model.to(ctx.device)
     name = model_name(model)
     total = total_steps(recipe, len(splits.train), ctx.world)
+    if (out_dir / STATE_FILE).is_file():
+        load_train_state(out_dir / STATE_FILE)  # a state that cannot be resumed is refused before anything is said
     if ctx.main:
         log(f"dense training: {total} optimizer steps ({recipe.epochs} epoch(s) of {len(splits.train)} images "
             f"at batch {recipe.batch_size})")
