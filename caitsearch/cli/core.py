@@ -134,8 +134,10 @@ def bench(
         resolve_device(device)  # a bad --device or --dtype is refused before any model is built
     if dtype is not None:
         resolve_dtype(dtype)
+    # without --budget, --profile only says which runtime to time on (bench_runtime below)
     dense, cfg, compressed = load_models(model, img_size, config, checkpoint, strategy=strategy, budget=budget,
-                                         profile=profile, allow_foreign=allow_foreign_profile)
+                                         profile=profile if budget is not None else None,
+                                         allow_foreign=allow_foreign_profile)
     spec = ModelSpec.from_model(dense)
     runtime, profile_path = bench_runtime(spec, profile is not None or budget is not None, profile, device, dtype,
                                           threads, batch_size, allow_foreign_profile)
