@@ -13,7 +13,7 @@ from .app import app, emit_json
 from ..data import CALIB_SIZE, PROXY_SIZE, VAL_SIZE
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
-    ThreadsOpt, ValSizeOpt,
+    TaskOpt, ThreadsOpt, ValSizeOpt,
 )
 
 
@@ -26,6 +26,7 @@ def search(
     profile: ProfileOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = "cait",
+    task: TaskOpt = "classification",
     img_size: ImgSizeOpt = None,
     checkpoint: CheckpointOpt = None,
     data: Annotated[str, typer.Option(
@@ -88,6 +89,8 @@ def search(
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
 
       caitsearch search --budget 0.6 --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16   # timed in fp16 on the GPU, retrained there
+
+      caitsearch search --budget 0.6 --task segmentation   # backbone + decoder, screened and ranked by mIoU, timed with the decoder
     """
     import optuna
 
@@ -95,15 +98,18 @@ def search(
     from ..search import (
         BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest, run_search,
     )
+    from ..tasks import CLASSIFICATION, get_task
     from ..training import Recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     asked = BudgetRequest(ratio=budget, ms=budget_ms)  # refuses a bad budget before any work
+    the_task = get_task(task)
     if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
         method = "" if strategy == "cait" else f"-{strategy}"
+        method = method if the_task is CLASSIFICATION else f"-seg{method}"
         out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
     req = SearchRequest(
-        out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
+        out=out_dir, budget=asked, strategy=strategy, task=the_task.name, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
         data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
                          train_limit=train_limit, test_limit=test_limit),
         study=StudyRequest(trials=trials, minutes=search_minutes, sampler=sampler, storage=storage, name=study_name),
@@ -120,7 +126,8 @@ def search(
     dense = summary["dense"]
     t = Table(title=f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
                     f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})")
-    for col in ("", "family", "val acc", "test acc", "measured ms", "predicted ms", "speedup", "retrained"):
+    score = "acc" if the_task is CLASSIFICATION else the_task.metric_label
+    for col in ("", "family", f"val {score}", f"test {score}", "measured ms", "predicted ms", "speedup", "retrained"):
         t.add_column(col, justify="right")
     t.add_row("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
               f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")
