@@ -137,7 +137,7 @@ def test_bench_runs_end_to_end_and_writes_rows(fashion_mnist, tmp_path, quick_pr
     rows = {r["label"]: r for r in result["rows"]}
     assert list(rows) == ["dense", "cait@0.7", "atme@0.7", "tome@0.7"]
     assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["miou_delta_points"] == 0.0
-    assert rows["cait@0.7"]["merges"] == 2 and rows["tome@0.7"]["merges"] >= 1 and rows["atme@0.7"]["steps"] == 2
+    assert rows["cait@0.7"]["merges"] == 3 and rows["tome@0.7"]["merges"] >= 1 and rows["atme@0.7"]["steps"] == 2
     assert all(0 <= r["miou"] <= 1 and r["latency_ms"] > 0 for r in rows.values())
     assert {"cait_merge_fast_and_close", "atme_over_tome@0.7", "cait_over_best_single@0.7"} <= set(result["goals"])
     assert out.with_suffix(".png").is_file() and "| atme@0.7 |" in proc.stdout
