@@ -208,6 +208,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the searches and retrainings (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS / "segmentation.json")
     args = ap.parse_args()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     steady_allocator()
     args.threads = set_threads(args.threads)
     try:
