@@ -1,16 +1,28 @@
-"""Segmentation transfer (issue 6): does a compressed backbone's unmerged patch map serve a dense
-head as well as the dense model's, and how much faster is it? Per-pixel Fashion-MNIST labels
-(caitsearch/segment.py), one light decoder per backbone trained with the same recipe on the frozen
-backbone, mIoU on the test split, and backbone+head latency at batch 32 with every model in one
-interleaved loop. Writes bench/results/segmentation.json and prints a Markdown table.
+"""Segmentation transfer, end to end (issue 14): every compressed segmentation model is fine-tuned
+backbone and decoder together, distilled from the dense segmentation model (per-pixel KL over the
+classes + CE), with ONE recipe for every strategy; mIoU on the test split; latency of backbone,
+unmerge and decoder at batch 32, every model in one interleaved loop against dense.
 
-    .venv/bin/python bench/segmentation_bench.py --variant cait=RUN/candidates/trial-17 --variant atme=atme.json
-    .venv/bin/python bench/segmentation_bench.py --train-limit 5000 --epochs 3 --variant uniform=uniform.json
+    .venv/bin/python bench/segmentation_bench.py                                   # the full protocol
+    .venv/bin/python bench/segmentation_bench.py --train-limit 2048 --steps 40 --test-limit 1000 --trials 40   # reduced
 
-A variant is LABEL=CANDIDATE_DIR (a retrained, materialised candidate: config.json +
-model.safetensors) or LABEL=CONFIG.json (the config applied to the dense weights, channel
-importance calibrated on training images, no retraining). Goal: at least 1.3x faster than dense
-with mIoU at most 1 point lower.
+Variants, per budget (default 0.7 and 0.5 of the dense latency):
+- atme, cdcp, tome: the strategy's uniform schedule predicted closest under the budget (ToMe: the
+  same r in every block, as published), retrained with the recipe;
+- cait: `caitsearch search --task segmentation --strategy cait` at the budget (its screen, short
+  tunes and choice on validation mIoU), and the deployed candidate's config retrained with the same
+  recipe as the others (so the comparison is between configs, not training lengths). `--cait-config
+  B=PATH` uses a config found before instead of searching.
+
+Goals (printed and stored): (1) a cait model with at least one merge >= 1.3x faster than dense,
+measured, at most 1.0 mIoU point below dense; (2) at equal latency (the same budget, latencies
+stated) atme >= tome + 3 mIoU points; (3) cait >= the best single strategy at every budget.
+
+Expected wall time on a 2-core CPU (AMD EPYC, 2 threads): the default recipe (2 epochs over 20,000
+training images, 312 steps of batch 128, about 0.8 s a step) takes about 4 minutes per variant, so
+8 variants are about 35 minutes, plus two searches (200 trials, short tunes) of about 6 minutes each,
+plus timing and evaluation: about 50 minutes in all. The reduced command above takes about 10.
+Writes bench/results/segmentation.json, bench/results/segmentation.png and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -18,161 +30,196 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from caitsearch import CaitViT, CaitsearchError, CompressionConfig, ModelSpec, compress, create_model, materialize
-from caitsearch.compress import load_materialized
-from caitsearch.io import atomic_write_text
-from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
-from caitsearch.models import DEFAULT_MODEL, default_checkpoint
+from caitsearch import CaitsearchError, CompressionConfig, ModelSpec
+from caitsearch.io import atomic_write, atomic_write_text
+from caitsearch.measure import set_threads, steady_allocator
+from caitsearch.models import DEFAULT_MODEL
+from caitsearch.profile import find_profile
 from caitsearch.profile.fingerprint import cpu_model
-from caitsearch.segment import FOREGROUND_THRESHOLD, SegmentationModel, miou, segmentation_split, train_head
+from caitsearch.profile.runtime import Runtime
+from caitsearch.search import strategy_config
+from caitsearch.search.rank import merge_share
+from caitsearch.tasks import SEGMENTATION
+from caitsearch.training import Recipe, Retraining, evaluate, load_teacher
 
 RESULTS = Path(__file__).parent / "results"
-DENSE = "dense"
-GOAL_SPEEDUP, GOAL_MIOU_DROP = 1.3, 1.0  # points
+STRATEGIES = ("cait", "atme", "cdcp", "tome")
+GOAL_SPEEDUP, GOAL_MIOU_DROP, GOAL_ATME_OVER_TOME = 1.3, 1.0, 3.0  # x, points, points
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One backbone to compare: `kind` is "dense", "candidate" (a folder) or "config" (a JSON file)."""
+def search_config(args, budget: float, work: Path) -> CompressionConfig:
+    """The deployed candidate of a segmentation search at `budget` (its retraining cut to the tunes)."""
+    from caitsearch.search import BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest, run_search
 
-    label: str
-    kind: str
-    path: Optional[Path] = None
-
-
-def parse_variant(text: str, taken: set[str]) -> Variant:
-    """LABEL=PATH -> Variant, refusing with one line anything that cannot be loaded later, so a
-    typo fails before minutes of feature extraction."""
-    label, sep, raw_path = text.partition("=")
-    label, path = label.strip(), Path(raw_path.strip())
-    if not sep or not label or not raw_path.strip():
-        raise SystemExit(f"--variant {text!r}: expected LABEL=CANDIDATE_DIR or LABEL=CONFIG.json.")
-    if label == DENSE or label in taken:
-        raise SystemExit(f"--variant {text!r}: label {label!r} is {'reserved' if label == DENSE else 'used twice'}.")
-    if path.is_dir():
-        missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
-        if missing:
-            raise SystemExit(f"--variant {text!r}: {path} is not a candidate folder (missing {', '.join(missing)}).")
-        return Variant(label, "candidate", path)
-    if path.is_file() and path.suffix == ".json":
-        return Variant(label, "config", path)
-    raise SystemExit(f"--variant {text!r}: {path} is neither a candidate folder nor a config .json file.")
+    req = SearchRequest(
+        out=work / f"search-b{budget:g}", budget=BudgetRequest(ratio=budget), strategy="cait", task="segmentation",
+        model=args.model, checkpoint=args.checkpoint, seed=args.seed,
+        data=DataRequest(source=args.data, calib_size=args.calib, proxy_size=args.proxy, val_size=args.val,
+                         train_limit=args.train_limit, test_limit=args.test_limit),
+        study=StudyRequest(trials=args.trials), rank=RankRequest(finalists=args.finalists, tune_steps=args.tune_steps),
+        measure=MeasureRequest(profile=args.profile, threads=args.threads, repeats=5),
+        recipe=Recipe(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
+        retrain_top=0, minutes=0, progress=False, echo=False)
+    summary = run_search(req)
+    if not summary["candidates"]:
+        raise CaitsearchError(f"the cait search at {budget} found no candidate within budget")
+    return CompressionConfig.from_dict(summary["candidates"][0]["config"])
 
 
-def build_backbone(variant: Variant, dense: torch.nn.Module, spec: ModelSpec, calib: torch.Tensor) -> CaitViT:
-    """The variant's materialised backbone (dense: the compressed code path with nothing compressed)."""
-    if variant.kind == DENSE:
-        return compress(dense, CompressionConfig.dense(spec)).eval()
-    config_path = variant.path / "config.json" if variant.kind == "candidate" else variant.path
-    config = CompressionConfig.load(config_path)
-    if config.model != spec.name:
-        raise SystemExit(f"variant {variant.label}: {config_path} is for {config.model}, the dense model is {spec.name}.")
-    if variant.kind == "config":
-        return materialize(compress(dense, config, calib)).eval()
-    from safetensors.torch import load_file
+def run(args: argparse.Namespace) -> dict:
+    from caitsearch.models import model_spec
 
-    try:
-        state = load_file(str(variant.path / "model.safetensors"))
-    except Exception as e:  # a corrupt or truncated file
-        raise SystemExit(f"variant {variant.label}: cannot read {variant.path / 'model.safetensors'}: {e}") from e
-    return load_materialized(create_model(spec.name), config, state).eval()
+    spec: ModelSpec = model_spec(args.model)
+    splits = SEGMENTATION.load_splits(args.data, spec, seed=args.seed, calib_size=args.calib, proxy_size=args.proxy,
+                                      val_size=args.val, train_limit=args.train_limit, test_limit=args.test_limit)
+    teacher = load_teacher(args.model, num_classes=splits.num_classes, checkpoint=args.checkpoint, data=splits.name,
+                           task=SEGMENTATION)
+    if not teacher.trained:
+        raise CaitsearchError("the bench needs the dense segmentation model: pass --checkpoint "
+                              "(caitsearch train --task segmentation --out DIR)")
+    dense = teacher.model.eval()
+    recipe = Recipe(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    prof = find_profile(spec, args.profile, threads=args.threads)
+    given = dict(text.split("=", 1) for text in args.cait_config)
+    work = Path(args.work or tempfile.mkdtemp(prefix="segbench-"))
+    batch = max(args.batch_size, 256)
+    rows = [{"label": "dense", "strategy": "dense", "budget": None, "miou": evaluate(dense, splits.test, batch, task=SEGMENTATION),
+             "merges": 0, "mac_ratio": 1.0}]
+    models = {"dense": dense}
+    dense_macs = CompressionConfig.dense(spec).macs(spec)["total"]
+    for budget in args.budgets:
+        for strategy in args.strategies:
+            label = f"{strategy}@{budget:g}"
+            started = time.perf_counter()
+            if strategy == "cait":
+                config = (CompressionConfig.load(given[f"{budget:g}"]) if f"{budget:g}" in given
+                          else search_config(args, budget, work))
+            else:
+                config = strategy_config(spec, strategy, budget, None, args.profile)
+            retraining = Retraining(dense, config, splits, recipe, work / label, task=SEGMENTATION)
+            retraining.run(progress=False)
+            model, metrics = retraining.finish()
+            models[label] = model.eval()
+            merges = sum(b.merge_axis.value != "none" for b in config.blocks)
+            rows.append({"label": label, "strategy": strategy, "budget": budget, "miou": metrics["accuracy"],
+                         "val_miou": metrics["val_accuracy"], "merges": merges, "merge_share": merge_share(config, spec),
+                         "mac_ratio": config.macs(spec)["total"] / dense_macs, "predicted_ratio": prof.predict(config) / prof.dense_ms,
+                         "steps": metrics["steps"], "seconds": time.perf_counter() - started, "config": config.to_dict()})
+            print(f"{label}: mIoU {100 * metrics['accuracy']:.2f}% ({merges} merges, "
+                  f"{time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    runtime = Runtime(threads=args.threads, batch_size=args.batch)
+    timings, _ = runtime.time_models(models, spec, repeats=args.repeats, warmup=3)
+    base = timings["dense"].median
+    for row in rows:
+        t = timings[row["label"]]
+        row.update(latency_ms=t.median, speedup=base / t.median, miou_delta_points=100 * (row["miou"] - rows[0]["miou"]))
+    return {"meta": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__},
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "recipe": recipe.as_dict(), "teacher": {"source": teacher.source, "path": str(teacher.path)},
+            "train_images": len(splits.train), "test_images": len(splits.test),
+            "rows": rows, "goals": goals(rows, args.budgets), "command": shlex.join(sys.argv)}
 
 
-def backbone_mac_ratio(backbone: CaitViT, spec: ModelSpec) -> float:
-    return backbone.config.macs(spec)["total"] / CompressionConfig.dense(spec).macs(spec)["total"]
+def goals(rows: list[dict], budgets) -> dict:
+    by = {r["label"]: r for r in rows}
+    merged = [r for r in rows if r["strategy"] == "cait" and r["merges"] >= 1]
+    fast = [r for r in merged if r["speedup"] >= GOAL_SPEEDUP]
+    best = max(fast, key=lambda r: r["miou_delta_points"], default=None)
+    out = {"cait_merge_fast_and_close": {
+        "met": bool(best and best["miou_delta_points"] >= -GOAL_MIOU_DROP), "best": best and best["label"],
+        "speedup": best and best["speedup"], "miou_delta_points": best and best["miou_delta_points"]}}
+    for budget in budgets:
+        atme, tome, cait = (by.get(f"{s}@{budget:g}") for s in ("atme", "tome", "cait"))
+        if atme and tome:
+            out[f"atme_over_tome@{budget:g}"] = {
+                "met": 100 * (atme["miou"] - tome["miou"]) >= GOAL_ATME_OVER_TOME,
+                "points": 100 * (atme["miou"] - tome["miou"]), "atme_ms": atme["latency_ms"], "tome_ms": tome["latency_ms"]}
+        singles = [by[f"{s}@{budget:g}"] for s in ("atme", "cdcp", "tome") if f"{s}@{budget:g}" in by]
+        if cait and singles:
+            top = max(singles, key=lambda r: r["miou"])
+            out[f"cait_over_best_single@{budget:g}"] = {"met": cait["miou"] >= top["miou"], "best_single": top["label"],
+                                                       "points": 100 * (cait["miou"] - top["miou"])}
+    return out
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header = ["variant", "kind", "backbone MACs", "batch-32 ms", "speedup", "mIoU", "Δ mIoU (points)", "goal"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for r in rows:
-        goal = "" if r["kind"] == DENSE else ("met" if r["meets_goal"] else "**missed**")
-        lines.append(f"| {r['label']} | {r['kind']} | {r['mac_ratio']:.3f}x | {r['median_ms']:.2f} | "
-                     f"{r['speedup']:.2f}x | {100 * r['miou']:.2f}% | {r['miou_delta_points']:+.2f} | {goal} |")
+def markdown_table(result: dict) -> str:
+    lines = ["| variant | merges | MACs | batch-32 ms | speedup | mIoU | Δ mIoU (points) |", "|" + " --- |" * 7]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | {r['merges']} | {r['mac_ratio']:.3f}x | {r['latency_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {100 * r['miou']:.2f}% | {r['miou_delta_points']:+.2f} |")
+    lines += ["", "| goal | met | figures |", "| --- | --- | --- |"]
+    for name, g in result["goals"].items():
+        figures = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in g.items() if k != "met")
+        lines.append(f"| {name} | {'yes' if g['met'] else '**no**'} | {figures} |")
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, variants: list[Variant]) -> dict:
-    dense = create_model(args.model, checkpoint=args.checkpoint)
-    spec = ModelSpec.from_model(dense)
-    train_images, train_labels = segmentation_split("train", spec, limit=args.train_limit, seed=args.seed)
-    test_images, test_labels = segmentation_split("test", spec, limit=args.test_limit, seed=args.seed)
-    calib = train_images[:args.calib]
-    models: dict[str, SegmentationModel] = {}
-    rows = []
-    for variant in variants:
-        start = time.perf_counter()
-        backbone = build_backbone(variant, dense, spec, calib)
-        model = train_head(backbone, train_images, train_labels, epochs=args.epochs, seed=args.seed)
-        seconds = time.perf_counter() - start
-        score = miou(model, test_images, test_labels)
-        models[variant.label] = model
-        rows.append({"label": variant.label, "kind": variant.kind, "path": str(variant.path) if variant.path else None,
-                     "mac_ratio": backbone_mac_ratio(backbone, spec), "miou": score, "train_seconds": seconds})
-        print(f"{variant.label}: mIoU {100 * score:.2f}% (head trained in {seconds:.0f} s)", file=sys.stderr, flush=True)
-    x = test_images[:args.batch]
-    timings = measure_interleaved({label: (lambda m=m: m(x)) for label, m in models.items()},
-                                  repeats=args.repeats, warmup=3)
-    base_ms, base_miou = timings[DENSE].median, rows[0]["miou"]
-    for row in rows:
-        t = timings[row["label"]]
-        row.update(t.summary())
-        row["speedup"] = base_ms / t.median
-        row["miou_delta_points"] = 100 * (row["miou"] - base_miou)
-        row["meets_goal"] = None if row["kind"] == DENSE else (
-            row["speedup"] >= GOAL_SPEEDUP and row["miou_delta_points"] >= -GOAL_MIOU_DROP)
-    settings = {"model": spec.name, "checkpoint": str(args.checkpoint), "train_limit": args.train_limit,
-                "test_images": len(test_images), "train_images": len(train_images), "epochs": args.epochs,
-                "seed": args.seed, "calib": len(calib), "batch": args.batch, "repeats": args.repeats,
-                "foreground_threshold": FOREGROUND_THRESHOLD, "goal": {"speedup": GOAL_SPEEDUP,
-                                                                      "max_miou_drop_points": GOAL_MIOU_DROP}}
-    meta = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__}
-    return {"meta": meta, "settings": settings, "rows": rows, "command": shlex.join(sys.argv)}
+def figure(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    dense = result["rows"][0]
+    ax.scatter([dense["latency_ms"]], [100 * dense["miou"]], marker="*", s=220, color="black", label="dense")
+    for i, strategy in enumerate(STRATEGIES):
+        pts = sorted((r["latency_ms"], 100 * r["miou"]) for r in result["rows"] if r["strategy"] == strategy)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=strategy)
+    ax.set(xlabel=f"measured latency, ms per batch of {result['settings']['batch']}", ylabel="test mIoU (%)",
+           title="segmentation, fine-tuned end to end: mIoU vs measured latency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PATH",
-                    help="a candidate folder (config.json + model.safetensors) or a config .json; repeatable")
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="dense weights (default: the committed weights of the default model)")
-    ap.add_argument("--train-limit", type=int, default=10000, help="seeded subset of the training images for the heads")
-    ap.add_argument("--test-limit", type=int, default=None, help="seeded subset of the test images (default: all 10,000)")
-    ap.add_argument("--epochs", type=int, default=5, help="head training epochs over the cached features")
-    ap.add_argument("--calib", type=int, default=256, help="training images that calibrate a config variant's CDCP")
+                    help="dense segmentation weights (default: the committed ones of the default model)")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--profile", type=Path, default=None, help="latency profile (default: this machine's, built if missing)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--cait-config", action="append", default=[], metavar="BUDGET=CONFIG.json",
+                    help="use this cait config at BUDGET instead of searching")
+    ap.add_argument("--epochs", type=int, default=2, help="retraining epochs of every variant (one recipe)")
+    ap.add_argument("--steps", type=int, default=None, help="retraining steps instead of epochs (a reduced run)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--train-limit", type=int, default=20000)
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--proxy", type=int, default=512)
+    ap.add_argument("--val", type=int, default=2000)
+    ap.add_argument("--trials", type=int, default=200, help="trials of each cait search")
+    ap.add_argument("--finalists", type=int, default=4)
+    ap.add_argument("--tune-steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=32, help="batch size of the latency measurement")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=None, help="folder for the searches and retrainings (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS / "segmentation.json")
     args = ap.parse_args()
-    for name in ("train_limit", "test_limit", "epochs", "calib", "batch", "repeats", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
-    variants = [Variant(DENSE, DENSE)]
-    for text in args.variant:
-        variants.append(parse_variant(text, {v.label for v in variants}))
-    if args.checkpoint is None:
-        args.checkpoint = default_checkpoint(args.model)
-        if args.checkpoint is None:
-            raise SystemExit(f"{args.model} has no committed weights; pass --checkpoint with its dense weights.")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     steady_allocator()
     args.threads = set_threads(args.threads)
     try:
-        result = run(args, variants)
+        result = run(args)
     except CaitsearchError as e:
         raise SystemExit(str(e)) from None
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    print(markdown_table(result["rows"]))
+    atomic_write_text(args.out, json.dumps(result, indent=1, default=float) + "\n")
+    figure(result, args.out.with_suffix(".png"))
+    print(markdown_table(result))
 
 
 if __name__ == "__main__":

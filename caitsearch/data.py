@@ -102,6 +102,19 @@ def random_shift_flip(image: torch.Tensor) -> torch.Tensor:
     return image.flip(-1) if torch.rand(()) < 0.5 else image
 
 
+def random_shift_flip_pair(image: torch.Tensor, labels: torch.Tensor, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`random_shift_flip` of an image `(C, H, W)` and its label map `(H, W)` with the same draws
+    (the label map's border is `fill`)."""
+    _, h, w = image.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    dy, dx = (int(v) for v in (torch.randint(0, 2 * ph + 1, ()), torch.randint(0, 2 * pw + 1, ())))
+    image = F.pad(image, (pw, pw, ph, ph))[:, dy:dy + h, dx:dx + w]
+    labels = F.pad(labels, (pw, pw, ph, ph), value=fill)[dy:dy + h, dx:dx + w]
+    if torch.rand(()) < 0.5:
+        image, labels = image.flip(-1), labels.flip(-1)
+    return image, labels
+
+
 def make_frame(spec: ModelSpec, mean: Sequence[float], std: Sequence[float], fill: float) -> Callable:
     """uint8 `(C, h, w)` -> normalised float `(in_chans, H, W)`: channels matched, then the image
     scaled to `fill` of the model frame (keeping nothing else) and centred on a zero border."""
@@ -290,6 +303,16 @@ def load_dataset(
             raise CaitsearchError(f"--data {source} is neither 'fashion-mnist' nor an ImageFolder directory.")
         train, test, classes = _image_folder(root, spec, mean, std)
         name = root.name
+    return make_splits(name, train, test, classes, seed=seed, calib_size=calib_size, proxy_size=proxy_size,
+                       val_size=val_size, train_limit=train_limit, test_limit=test_limit)
+
+
+def make_splits(name: str, train: Dataset, test: Dataset, classes: Sequence[str], seed: int = 0,
+                calib_size: int = CALIB_SIZE, proxy_size: int = PROXY_SIZE, val_size: int = VAL_SIZE,
+                train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Splits:
+    """The held-out splits of `load_dataset` (module docstring) from any `train` and `test` datasets
+    that have `subset(indices, augment)`: one seeded permutation of the training images, so every
+    task holds out the same images of the same data."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=gen)
     n = len(train)

@@ -55,11 +55,20 @@ def _content_box(spec: ModelSpec, fill: float) -> tuple[int, int, int, int]:
 def frame_labels(labels: torch.Tensor, spec: ModelSpec, fill: float = FASHION_MNIST_FILL) -> torch.Tensor:
     """Label maps `(N, h, w)` put through the images' geometric framing: scaled (nearest
     neighbour, so no invented classes) to the same box and centred on a background border."""
+    return label_framer(spec, fill)(labels)
+
+
+def label_framer(spec: ModelSpec, fill: float = FASHION_MNIST_FILL):
+    """`frame_labels` for one spec, with the image box worked out once (for per-item data loading)."""
     top, left, height, width = _content_box(spec, fill)
-    if tuple(labels.shape[1:]) != (height, width):
-        labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
     full_h, full_w = spec.img_size
-    return F.pad(labels, (left, full_w - width - left, top, full_h - height - top), value=BACKGROUND)
+
+    def frame(labels: torch.Tensor) -> torch.Tensor:
+        if tuple(labels.shape[1:]) != (height, width):
+            labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+        return F.pad(labels, (left, full_w - width - left, top, full_h - height - top), value=BACKGROUND)
+
+    return frame
 
 
 def segmentation_split(
@@ -129,6 +138,14 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.feature_map(x))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.backbone.spec
 
 
 # ---------------------------------------------------------------- training and evaluation

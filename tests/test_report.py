@@ -178,6 +178,7 @@ def test_not_a_run_folder_is_refused(tmp_path):
         load_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_deploy_follows_validation_not_test(search_run, tmp_path):
     """A run where the two splits disagree: the candidate best on validation is deployed, even
     though another scores higher on test."""

@@ -43,6 +43,10 @@ ValSizeOpt = Annotated[int, typer.Option(
 AllowForeignOpt = Annotated[bool, typer.Option(
     "--allow-foreign-profile", help="Use a profile measured on a device whose fingerprint differs from this one "
                                     "(predictions may be off).")]
+TaskOpt = Annotated[str, typer.Option(
+    "--task", help="classification (one label per image) or segmentation (a label per pixel: backbone + a light "
+                   "decoder on the unmerged patch map, scored by mIoU; --data fashion-mnist or a folder "
+                   "DIR/{train,val}/{images,masks}/, see README).")]
 
 
 def check_inputs(config: Optional[Path] = None, checkpoint: Optional[Path] = None) -> None:

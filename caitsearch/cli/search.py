@@ -12,7 +12,7 @@ from ..defaults import CALIB_SIZE, DEFAULT_MINUTES, DEFAULT_MODEL, PROXY_SIZE, V
 from ..io import check_output_dir
 from .options import (
     AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
-    ThreadsOpt, ValSizeOpt, check_inputs,
+    TaskOpt, ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 
@@ -25,6 +25,7 @@ def search(
     profile: ProfileOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = "cait",
+    task: TaskOpt = "classification",
     img_size: ImgSizeOpt = None,
     checkpoint: CheckpointOpt = None,
     data: Annotated[str, typer.Option(
@@ -87,6 +88,8 @@ def search(
       caitsearch search --budget 0.5 --storage postgresql://me@db/studies --study-name deit-t-05 --trials 200
 
       caitsearch search --budget 0.6 --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16   # timed in fp16 on the GPU, retrained there
+
+      caitsearch search --budget 0.6 --task segmentation   # backbone + decoder, screened and ranked by mIoU, timed with the decoder
     """
     resumable()
     check_inputs(checkpoint=checkpoint)
@@ -95,16 +98,19 @@ def search(
     from ..search import (
         BudgetRequest, DataRequest, MeasureRequest, RankRequest, SearchRequest, StudyRequest, run_search,
     )
+    from ..tasks import CLASSIFICATION, get_task
     from ..training import Recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     asked = BudgetRequest(ratio=budget, ms=budget_ms)  # refuses a bad budget before any work
+    the_task = get_task(task)
     if out_dir is None:  # one folder per model and budget, so a second budget never resumes the first
         method = "" if strategy == "cait" else f"-{strategy}"
+        method = method if the_task is CLASSIFICATION else f"-seg{method}"
         out_dir = Path("results") / f"{model or DEFAULT_MODEL}{method}-{asked.label}"
     check_output_dir(out_dir)
     req = SearchRequest(
-        out=out_dir, budget=asked, strategy=strategy, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
+        out=out_dir, budget=asked, strategy=strategy, task=the_task.name, model=model, img_size=img_size, checkpoint=checkpoint, seed=seed,
         data=DataRequest(source=data, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
                          train_limit=train_limit, test_limit=test_limit),
         study=StudyRequest(trials=trials, minutes=search_minutes, sampler=sampler, storage=storage, name=study_name),
@@ -119,6 +125,7 @@ def search(
         emit_json(summary)
         return
     dense = summary["dense"]
+    score = "acc" if the_task is CLASSIFICATION else the_task.metric_label
     rows = [("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
              f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")]
     rows += [(("DEPLOY " if i == 0 else "") + f"trial {c['trial']}", c.get("family", ""), _pct(c["val_accuracy"]),
@@ -126,7 +133,8 @@ def search(
               f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no") for i, c in enumerate(summary["candidates"])]
     print_table(f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
                 f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})",
-                ("", "family", "val acc", "test acc", "measured ms", "predicted ms", "speedup", "retrained"), rows)
+                ("", "family", f"val {score}", f"test {score}", "measured ms", "predicted ms", "speedup", "retrained"),
+                rows)
     for plan in summary.get("final_retraining", []):
         if plan.get("limited_by"):
             say(f"trial {plan['trial']} was retrained for {plan['steps']} of {plan['full_steps']} steps to fit "

@@ -13,7 +13,7 @@ from ..io import check_output_dir
 from .app import app, emit_json, resumable
 from .options import (
     AllowForeignOpt, BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, ThreadsOpt, ValSizeOpt, check_inputs,
+    NumClassesOpt, PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, TaskOpt, ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 DataOpt = Annotated[str, typer.Option(
@@ -27,6 +27,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the splits, data o
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory: state.pt (resume), model.safetensors, metrics.json.")],
     model: ModelOpt = None,
+    task: TaskOpt = "classification",
     data: DataOpt = "fashion-mnist",
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Passes over the training split.")] = 5,
     config: ConfigOpt = None,
@@ -72,19 +73,24 @@ def train(
       torchrun --nproc_per_node 2 -m caitsearch train --config best.json --out runs/ddp
 
       caitsearch train --model deit_tiny_patch16_224 --pretrained --img-size 64 64 --data ./flowers --out runs/ft
+
+      caitsearch train --task segmentation --epochs 3 --out runs/seg-dense     # backbone + decoder, end to end
+
+      caitsearch train --task segmentation --strategy atme --budget 0.6 --out runs/seg-atme   # distilled from the dense one
     """
     resumable()
     check_output_dir(out_dir)  # every refusal comes before the first training step, so none costs a run
     check_inputs(config, checkpoint)
-    from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import CaitsearchError
     from ..measure import set_threads
     from ..models import model_spec
     from ..search import strategy_config
+    from ..tasks import CLASSIFICATION, get_task
     from ..training import DENSE_LR, RETRAIN_LR, Recipe, load_teacher, retrain_compressed, train_dense
     from .common import load_config
 
+    the_task = get_task(task)
     set_threads(threads)
     dev = resolve_device(device)
     cfg = load_config(config)
@@ -97,20 +103,24 @@ def train(
         cfg = strategy_config(spec, strategy or "cait", budget, cfg, profile, allow_foreign_profile)
     recipe = Recipe(epochs=epochs, batch_size=batch_size, seed=seed, save_every=save_every,
                     lr=lr if lr is not None else (DENSE_LR if cfg is None else RETRAIN_LR))
-    splits = load_dataset(data, spec, seed=seed, calib_size=calib_size, proxy_size=proxy_size, val_size=val_size,
-                          train_limit=train_limit, test_limit=test_limit)
+    splits = the_task.load_splits(data, spec, seed=seed, calib_size=calib_size, proxy_size=proxy_size,
+                                  val_size=val_size, train_limit=train_limit, test_limit=test_limit)
     teacher = load_teacher(name, img_size=size, num_classes=num_classes or splits.num_classes, checkpoint=checkpoint,
-                           pretrained=pretrained, data=splits.name, committed=cfg is not None)
+                           pretrained=pretrained, data=splits.name, committed=cfg is not None, task=the_task)
+    if cfg is not None and the_task is not CLASSIFICATION and not teacher.trained:
+        raise CaitsearchError(f"retraining for {the_task.name} needs the dense {the_task.name} model as teacher: "
+                              f"pass --checkpoint with one (caitsearch train --task {the_task.name} --out DIR).")
     if cfg is not None and teacher.source == "random init":
         raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
     if cfg is None:  # dense training starts from whatever weights there are, or from scratch
-        metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not as_json, device=dev)
+        metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not as_json, device=dev, task=the_task)
     else:
-        _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not as_json, device=dev)
+        _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not as_json, device=dev,
+                                        task=the_task)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
         emit_json(metrics)
     else:
-        say(f"test accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
+        say(f"test {the_task.metric_label} {metrics['accuracy'] * 100:.2f}% on {metrics['test_images']} images; "
             f"weights in {Path(out_dir) / 'model.safetensors'}")

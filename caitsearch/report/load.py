@@ -76,6 +76,16 @@ class Run:
         return model_spec(cfg.model, img_size=tuple(cfg.img_size))
 
     @property
+    def task(self) -> str:
+        """What the run's model does: "classification" (runs from before tasks too) or "segmentation"."""
+        return (self.summary or {}).get("task") or requested(self.manifest, "task") or "classification"
+
+    @property
+    def metric_label(self) -> str:
+        """How the run's scores (`accuracy`, `val_accuracy` of its results) are named: accuracy or mIoU."""
+        return "mIoU" if (self.summary or {}).get("metric") == "miou" or self.task == "segmentation" else "accuracy"
+
+    @property
     def candidates(self) -> list[dict]:
         """Re-measured candidates within budget with their test accuracy (summary order)."""
         return list((self.summary or {}).get("candidates", []))

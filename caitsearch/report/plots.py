@@ -34,6 +34,7 @@ def tradeoff_figure(run: Run) -> Figure:
     fig = Figure(figsize=(9, 8.5))
     top, bottom = fig.subplots(2, 1, height_ratios=[1.15, 1])
     budget, dense = run.budget or {}, run.dense
+    metric, short = run.metric_label, ("acc" if run.metric_label == "accuracy" else run.metric_label)
     unit = f"ms per batch of {run.environment().get('batch_size', '?')}"
 
     # -- measured candidates ------------------------------------------------------------------
@@ -65,8 +66,8 @@ def tradeoff_figure(run: Run) -> Figure:
                     zorder=5)
         top.autoscale_view()
         x, y = top.transAxes.inverted().transform(top.transData.transform((rec["latency_ms"], rec["accuracy"])))
-        chosen = "best validation accuracy" if run.chosen_on_validation else "best test accuracy (older run)"
-        top.annotate(f"DEPLOY trial {rec['trial']}\n{rec['accuracy']:.1%} test acc, {rec['speedup']:.2f}x faster than dense\n"
+        chosen = f"best validation {metric}" if run.chosen_on_validation else "best test accuracy (older run)"
+        top.annotate(f"DEPLOY trial {rec['trial']}\n{rec['accuracy']:.1%} test {short}, {rec['speedup']:.2f}x faster than dense\n"
                      f"({chosen} within budget)", (rec["latency_ms"], rec["accuracy"]),
                      xytext=(0.55 if x < 0.5 else 0.04, 0.45 if y > 0.5 else 0.8), textcoords="axes fraction",
                      va="center", fontsize=10, fontweight="bold", color="tab:blue",
@@ -75,8 +76,8 @@ def tradeoff_figure(run: Run) -> Figure:
     else:
         top.text(0.5, 0.5, "no candidate measured within budget:\nnothing to deploy", transform=top.transAxes,
                  ha="center", va="center", fontsize=13, color="tab:red")
-    top.set(xlabel=f"measured latency ({unit})", ylabel="test accuracy",
-            title=f"{run.name}: {run.model or 'model ?'} — accuracy vs measured latency")
+    top.set(xlabel=f"measured latency ({unit})", ylabel=f"test {metric}",
+            title=f"{run.name}: {run.model or 'model ?'} — {metric} vs measured latency")
     top.grid(alpha=0.3)
     top.legend(loc="best", fontsize=8)
 
@@ -100,7 +101,8 @@ def tradeoff_figure(run: Run) -> Figure:
         bottom.axvline(budget["ms"], color="tab:red", ls="--", lw=1.5, label=f"budget {budget['ms']:.3g} ms")
     if trials.empty:
         bottom.text(0.5, 0.5, "no finished trials", transform=bottom.transAxes, ha="center", va="center")
-    bottom.set(xlabel=f"predicted latency from the profile ({unit})", ylabel="proxy: top-1 agreement with dense",
+    agree = "top-1" if run.task == "classification" else "per-pixel"
+    bottom.set(xlabel=f"predicted latency from the profile ({unit})", ylabel=f"proxy: {agree} agreement with dense",
                title=f"search: {len(trials)} scored trials (accuracy proxy, no retraining)")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="best", fontsize=8)
@@ -159,7 +161,9 @@ def compare_figure(runs: Sequence[Run]) -> Figure:
             ax.scatter([r["speedup"]], [r["accuracy"]], s=260, facecolors="none", edgecolors=color, lw=2)
             ax.annotate(f"trial {r['trial']}: {r['accuracy']:.1%}, {r['speedup']:.2f}x", (r["speedup"], r["accuracy"]),
                         xytext=(6, 6), textcoords="offset points", fontsize=8, color=color)
-    ax.set(xlabel="speedup over the run's dense model (measured; dashed: budget)", ylabel="test accuracy",
+    metrics = {run.metric_label for run in runs}
+    ax.set(xlabel="speedup over the run's dense model (measured; dashed: budget)",
+           ylabel="test " + (metrics.pop() if len(metrics) == 1 else "score (accuracy or mIoU)"),
            title="runs compared (star: dense, ring: recommended)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -185,7 +189,7 @@ def ranking_figure(run: Run) -> Optional[Figure]:
         ys = [y for y in ys if y is not None and y == y]
         ax.plot(xs, ys, marker=markers.get(row.get("family"), "o"), color=f"C{i % 10}",
                 label=f"trial {row['trial']} ({row.get('family')})")
-    ax.set(xticks=range(len(labels)), xticklabels=labels, ylabel="validation accuracy",
+    ax.set(xticks=range(len(labels)), xticklabels=labels, ylabel=f"validation {run.metric_label}",
            title="finalists through the fidelities (a line stops where halving dropped it)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -202,6 +206,39 @@ def figures_for(run: Run, out: Path) -> dict[str, Path]:
     spec: Optional[ModelSpec] = run.spec
     for c in run.candidates:
         cfg = CompressionConfig.from_dict(c["config"])
-        title = f"trial {c['trial']}: {c['accuracy']:.1%} test acc, {c['latency_ms']:.3g} ms, {c['speedup']:.2f}x"
+        short = "acc" if run.metric_label == "accuracy" else run.metric_label
+        title = f"trial {c['trial']}: {c['accuracy']:.1%} test {short}, {c['latency_ms']:.3g} ms, {c['speedup']:.2f}x"
         paths[f"schedule-trial-{c['trial']}"] = save(schedule_figure(spec, cfg, title), out / f"schedule-trial-{c['trial']}.png")
+    if run.task == "segmentation" and run.recommended:
+        from .masks import predicted_masks
+
+        shown = predicted_masks(run)
+        if shown is not None:
+            paths["masks"] = save(masks_figure(*shown), out / "masks.png")
     return paths
+
+
+def masks_figure(images, truth, dense, compressed, titles: Sequence[str]) -> Figure:
+    """Rows: input image, true mask, the dense model's predicted mask, the compressed one's, for
+    a few test images `(N, C, H, W)` with label maps `(N, H, W)`; one colour per class."""
+    n = len(images)
+    fig = Figure(figsize=(1.6 * n + 1.2, 7.2))
+    axes = fig.subplots(4, n, squeeze=False)
+    top = int(max(truth.max(), dense.max(), compressed.max()))
+    rows = [("image", images), ("true mask", truth), (titles[0], dense), (titles[1], compressed)]
+    for r, (label, data) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r][i]
+            if r == 0:
+                picture = data[i].permute(1, 2, 0).float()
+                picture = (picture - picture.min()) / (picture.max() - picture.min() + 1e-8)
+                ax.imshow(picture.squeeze(-1).numpy() if picture.shape[-1] == 1 else picture.numpy(), cmap="gray")
+            else:
+                ax.imshow(data[i].numpy(), cmap="tab20", vmin=0, vmax=max(top, 19), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle("predicted masks on test images: dense vs the deployed compressed model", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -149,13 +149,17 @@ def report_blocks(run: Run, figures: dict[str, Path], table: pd.DataFrame) -> li
     if rec and dense:
         chosen = ("the most accurate on the validation split" if run.chosen_on_validation
                   else "the most accurate on the test split (a run from before the validation split)")
-        blocks.append(("p", f"Deploy trial {rec['trial']}: {rec['accuracy']:.1%} test accuracy "
+        blocks.append(("p", f"Deploy trial {rec['trial']}: {rec['accuracy']:.1%} test {run.metric_label} "
                             f"({rec['accuracy'] - dense['accuracy']:+.1%} vs dense {dense['accuracy']:.1%}) at "
                             f"{rec['latency_ms']:.3g} ms, {rec['speedup']:.2f}x faster than dense: of the candidates "
                             f"measured within the budget of {budget.get('ratio', float('nan')):.2f}x dense, {chosen}. "
                             f"Its folder: {rec.get('path', '')}"))
     blocks += [("note", n) for n in run.notes]
-    blocks += [("h2", "Latency and accuracy"), ("img", figures["tradeoff"])]
+    blocks += [("h2", f"Latency and {run.metric_label}"), ("img", figures["tradeoff"])]
+    if "masks" in figures:
+        blocks += [("h2", "Predicted masks"),
+                   ("p", "A few test images: the true mask, the dense segmentation model's prediction and the deployed "
+                         "candidate's (backbone, unmerge and decoder, as timed)."), ("img", figures["masks"])]
     blocks += [("h2", "Candidates"), ("table", table)]
     if table.empty:
         blocks.append(("p", "No candidate was re-measured."))

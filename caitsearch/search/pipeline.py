@@ -33,10 +33,9 @@ import optuna
 import torch
 from torch import nn
 
-from ..compress import compress, materialize
 from ..config import CompressionConfig
 from ..console import Progress, log, say
-from ..data import Splits, load_dataset
+from ..data import Splits
 from ..device import resolve_device
 from ..errors import CaitsearchError
 from ..io import save_weights, write_json
@@ -45,10 +44,11 @@ from ..models import DEFAULT_MODEL, ModelSpec, model_spec
 from ..profile import LatencyProfile, find_profile
 from ..profile.runtime import Runtime
 from ..space import SearchSpace
+from ..tasks import CLASSIFICATION, Task, get_task
 from ..training import DENSE_LR, MODEL_FILE, Retraining, TrainOnce, evaluate, load_teacher
 from . import rank as rk
 from . import study as st
-from .proxy import AccuracyProxy, stack_images
+from .proxy import AccuracyProxy, PixelProxy, make_proxy
 from .remeasure import Measured, remeasure_until_within
 from .request import Budget, SearchRequest
 from .run_folder import RunFolder, trial_rows
@@ -72,8 +72,9 @@ class Prepared:
     splits: Splits
     teacher: nn.Module
     teacher_info: dict  # source, validation accuracy, warning
-    proxy: AccuracyProxy
+    proxy: AccuracyProxy | PixelProxy
     started: float = field(default_factory=time.monotonic)
+    task: Task = CLASSIFICATION  # what the model does: its data, loss, metric (accuracy or mIoU)
 
     def seconds_left(self) -> Optional[float]:
         """What is left of `--minutes` (None: no limit)."""
@@ -125,7 +126,8 @@ def run_search(req: SearchRequest) -> dict:
 def prepare(req: SearchRequest) -> Prepared:
     """Model, profile, budget, space (its corners echoed), run folder, data, teacher and proxy."""
     started = time.monotonic()
-    st.make_sampler(req.study.sampler, req.seed)  # refuse a bad name before any work
+    task = get_task(req.task)  # refuse a bad name before any work
+    st.make_sampler(req.study.sampler, req.seed)
     threads = set_threads(req.measure.threads)
     steady_allocator()
     name = req.model or DEFAULT_MODEL
@@ -160,35 +162,37 @@ def prepare(req: SearchRequest) -> Prepared:
     profile_device = runtime.device  # refuses a GPU profile where no GPU is visible, before any work
     device = resolve_device(req.device) if req.device else profile_device
     d = req.data
-    splits = load_dataset(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
-                          val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
+    splits = task.load_splits(d.source, spec, seed=req.seed, calib_size=d.calib_size, proxy_size=d.proxy_size,
+                              val_size=d.val_size, train_limit=d.train_limit, test_limit=d.test_limit)
     given = load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, checkpoint=req.checkpoint,
-                         data=splits.name) if req.checkpoint is not None else None
-    st.check_identity(req.study.storage or run.sqlite_url(), req.study.name, study_identity(req, spec, prof, space, splits))
+                         data=splits.name, task=task) if req.checkpoint is not None else None
+    st.check_identity(req.study.storage or run.sqlite_url(), req.study.name,
+                      study_identity(req, spec, prof, space, splits, task))
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_space(described)
     run.write_manifest(req.as_dict(), storage=st.redact(req.study.storage or run.sqlite_url()),
                        study_name=req.study.name, threads=threads, profile=prof.manifest)
     teacher = given or load_teacher(name, img_size=spec.img_size, num_classes=splits.num_classes, data=splits.name,
                                     train=TrainOnce(splits, req.recipe.with_(lr=DENSE_LR), run.dense, req.progress,
-                                                    device))
+                                                    device), task=task)
     teacher.model.to(device)
-    info = teacher_check(teacher.model, teacher.source, splits, req.recipe.batch_size)
+    info = teacher_check(teacher.model, teacher.source, splits, req.recipe.batch_size, task)
     if info.get("warning"):
         log(f"warning: {info['warning']}")
-    proxy = AccuracyProxy(teacher.model, stack_images(splits.proxy), stack_images(splits.calib))
+    proxy = make_proxy(task, teacher.model, splits)
     return Prepared(req, run, spec, prof, budget, space, threads, device, runtime, splits, teacher.model, info, proxy,
-                    started)
+                    started, task)
 
 
-def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: int) -> dict:
-    """The teacher's validation accuracy, and a warning when it is too weak to be worth compressing:
-    near chance on the validation split."""
-    val = float(evaluate(teacher, splits.val, batch_size=max(batch_size, 256))) if len(splits.val) else None
+def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: int,
+                  task: Task = CLASSIFICATION) -> dict:
+    """The teacher's validation score (accuracy, or mIoU), and a warning when it is too weak to be
+    worth compressing: near chance on the validation split."""
+    val = float(evaluate(teacher, splits.val, batch_size=max(batch_size, 256), task=task)) if len(splits.val) else None
     info = {"source": source, "val_accuracy": val, "val_images": len(splits.val)}
     chance = 1.0 / splits.num_classes
     if val is not None and val < min(0.95, 2 * chance):
-        info["warning"] = (f"the dense teacher is near chance on the validation split ({val:.1%} with "
+        info["warning"] = (f"the dense teacher is near chance on the validation split ({val:.1%} {task.metric_label} with "
                            f"{splits.num_classes} classes, chance {chance:.1%}): compressing it is meaningless; "
                            "train it longer (caitsearch train --epochs ...) or start from --pretrained weights.")
     return info
@@ -232,14 +236,18 @@ def warm_starts(space: SearchSpace, predict_ms: Callable[[CompressionConfig], fl
 # ---------------------------------------------------------------- study
 
 
-def study_identity(req: SearchRequest, spec: ModelSpec, prof: LatencyProfile, space: SearchSpace, splits: Splits) -> dict:
+def study_identity(req: SearchRequest, spec: ModelSpec, prof: LatencyProfile, space: SearchSpace, splits: Splits,
+                   task: Task = CLASSIFICATION) -> dict:
     """What the user asked for, not derived floats: the same command always finds its own study."""
-    return {"model": spec.name, "img_size": list(spec.img_size), "budget": req.budget.identity(),
-            "profile": prof.manifest.get("table_sha256"),
-            "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "merge": space.merge_choices(),
-                      "families": list(space.families)},
-            "data": splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
-            "proxy_size": len(splits.proxy), "seed": req.seed}
+    identity = {"model": spec.name, "img_size": list(spec.img_size), "budget": req.budget.identity(),
+                "profile": prof.manifest.get("table_sha256"),
+                "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "merge": space.merge_choices(),
+                          "families": list(space.families)},
+                "data": splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
+                "proxy_size": len(splits.proxy), "seed": req.seed}
+    if task is not CLASSIFICATION:  # classification studies keep the identity they were created with
+        identity["task"] = task.name
+    return identity
 
 
 def run_study(p: Prepared) -> Studied:
@@ -247,7 +255,7 @@ def run_study(p: Prepared) -> Studied:
     req = p.request
     trials = req.study.trials or default_trials(p.space)
     url = req.study.storage or p.run.sqlite_url()
-    identity = study_identity(req, p.spec, p.profile, p.space, p.splits)
+    identity = study_identity(req, p.spec, p.profile, p.space, p.splits, p.task)
     sampler = st.make_sampler(req.study.sampler, st.worker_seed(req.seed, url), trials)
     study, created = st.open_study(url, req.study.name, sampler, identity)
     local = st.is_local(url)
@@ -291,7 +299,7 @@ def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
         dense_timing, measured = remeasure_until_within(
             p.teacher, queue, p.spec, p.budget, p.profile.dense_ms, p.runtime, p.proxy.stats_images,
             wanted=wanted, per_round=max(wanted, req.measure.remeasure), repeats=req.measure.repeats,
-            on_round=on_round)
+            on_round=on_round, task=p.task)
     measured.sort(key=lambda m: (not m.within_budget, m.proxy["kl"]))
     write_json(p.run.remeasured, {"dense": dense_timing, "candidates": [m.to_dict() for m in measured]})
     return Remeasured(dense_timing, measured)
@@ -329,7 +337,7 @@ def rank_finalists(p: Prepared, m: Remeasured) -> Ranked:
         if trial not in runs:
             folder = rk.tune_folder(p.run.candidate(trial))
             runs[trial] = Retraining(p.teacher, by_trial[trial].config, p.splits, recipe, folder, device=p.device,
-                                     anneal_steps=int(recipe.anneal * steps[0]))
+                                     anneal_steps=int(recipe.anneal * steps[0]), task=p.task)
         stats = runs[trial].run(until=until, progress=False)
         return runs[trial].score(p.splits.val), stats.get("step_seconds")
 
@@ -361,7 +369,7 @@ def retrain_best(p: Prepared, m: Remeasured, r: Ranked) -> Retrained:
     is left of `--minutes`), evaluate the rest untrained, everything on validation and test."""
     req = p.request
     batch = max(req.recipe.batch_size, 256)
-    dense_accuracy = float(evaluate(p.teacher, p.splits.test, batch_size=batch))
+    dense_accuracy = float(evaluate(p.teacher, p.splits.test, batch_size=batch, task=p.task))
     rank_of = {trial: i for i, trial in enumerate(r.order)}
     step_seconds = {res.trial: res.step_seconds for res in r.results}
     rows, candidates, final = [], [], []
@@ -427,7 +435,7 @@ def _full_steps(p: Prepared) -> int:
 def _probe_step_seconds(p: Prepared, c: Measured, folder: Path, steps: int = 6) -> float:
     """Seconds per retraining step of `c`, from a few throwaway steps (no short fine-tune timed it)."""
     probe = Retraining(p.teacher, c.config, p.splits, p.request.recipe.with_(steps=steps, save_every=steps),
-                       folder / "probe", device=p.device, anneal_steps=steps)
+                       folder / "probe", device=p.device, anneal_steps=steps, task=p.task)
     return float(probe.run(progress=False)["step_seconds"])
 
 
@@ -442,16 +450,16 @@ def finish_candidate(p: Prepared, c: Measured, folder: Path, plan: Optional[dict
     c.config.save(folder / "config.json")
     if plan is not None:
         recipe = req.recipe if plan["steps"] == plan["full_steps"] else req.recipe.with_(steps=plan["steps"])
-        run = Retraining(p.teacher, c.config, p.splits, recipe, folder, device=p.device)
+        run = Retraining(p.teacher, c.config, p.splits, recipe, folder, device=p.device, task=p.task)
         run.run(progress=req.progress)
         _, metrics = run.finish()
         result = {"accuracy": float(metrics["accuracy"]), "val_accuracy": float(metrics["val_accuracy"]),
                   "steps": metrics["steps"], "seconds": metrics["seconds"]}
     else:
-        model = materialize(compress(p.teacher, c.config, p.proxy.stats_images)).eval()
+        model = p.task.materialize(p.task.student(p.teacher, c.config, p.proxy.stats_images)).eval()
         batch = max(req.recipe.batch_size, 256)
-        result = {"accuracy": float(evaluate(model, p.splits.test, batch_size=batch)),
-                  "val_accuracy": float(evaluate(model, p.splits.val, batch_size=batch)), "steps": 0}
+        result = {"accuracy": float(evaluate(model, p.splits.test, batch_size=batch, task=p.task)),
+                  "val_accuracy": float(evaluate(model, p.splits.val, batch_size=batch, task=p.task)), "steps": 0}
         save_weights(model, folder / MODEL_FILE)
     result.update(retrained=plan is not None, trial=c.trial, epochs=req.recipe.epochs if plan else 0)
     write_json(done, result)
@@ -467,7 +475,8 @@ def summarise(p: Prepared, s: Studied, m: Remeasured, r: Ranked, t: Retrained) -
     p.run.write_results(t.rows)
     steps = list(r.steps)
     summary = {
-        "model": p.spec.name, "strategy": p.request.strategy, "data": p.splits.name,
+        "model": p.spec.name, "strategy": p.request.strategy, "task": p.task.name, "metric": p.task.metric,
+        "data": p.splits.name,
         "device": str(p.runtime.device), "train_device": str(p.device),
         "batch_size": p.profile.manifest.get("batch_size"), "dtype": p.profile.manifest.get("dtype"),
         "threads": p.threads, "runtime": p.runtime.as_dict(), "budget": {"ratio": p.budget.ratio, "ms": p.budget.ms},

@@ -86,3 +86,71 @@ class AccuracyProxy:
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").clamp_min(0.0).item()
+
+
+@dataclass(frozen=True)
+class PixelScore:
+    """A segmentation config's untrained score: per-pixel KL to the dense model (the objective),
+    per-pixel argmax agreement with it, and mIoU against the proxy split's labels."""
+
+    agreement: float
+    kl: float
+    miou: float
+
+    def as_dict(self) -> dict:
+        return {"agreement": self.agreement, "kl": self.kl, "miou": self.miou}
+
+
+class PixelProxy:
+    """`AccuracyProxy` for a per-pixel task: the config applied to the dense model's backbone
+    with the dense decoder (`task.student`), untrained, scored on the proxy images against the
+    dense model's per-pixel class distributions (KL over the class dimension, averaged over
+    pixels) and against the labels (mIoU, recorded beside the objective)."""
+
+    def __init__(self, task, dense: nn.Module, images: torch.Tensor, labels: torch.Tensor, stats_images: torch.Tensor,
+                 batch_size: int = 256):
+        if images.shape[0] == 0 or stats_images.shape[0] == 0:
+            raise CaitsearchError("the calibration or proxy split is empty; the search needs images to score configs.")
+        self.task, self.dense = task, dense.eval()
+        self.size = int(images.shape[0])
+        self.batch_size = batch_size
+        self.batches = list(images.split(batch_size))
+        self.labels = labels
+        self.stats_images = stats_images
+        self.dense_log_probs = self._log_probs(self.dense)
+
+    @torch.inference_mode()
+    def _log_probs(self, model: nn.Module) -> torch.Tensor:
+        """Per-pixel log-probabilities `(N * H * W, K)`, fp32 on the CPU."""
+        weight = next(model.parameters())
+        out = []
+        for x in self.batches:
+            logits = model(x.to(weight.device, weight.dtype)).float().cpu()
+            out.append(F.log_softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1]))
+        return torch.cat(out)
+
+    @property
+    def floor(self) -> PixelScore:
+        p = self.dense_log_probs
+        uniform = torch.full_like(p, -torch.log(torch.tensor(float(p.shape[-1]))).item())
+        return PixelScore(agreement=0.0, kl=_kl(p, uniform), miou=0.0)
+
+    def score(self, config: CompressionConfig) -> PixelScore:
+        model = self.task.student(self.dense, config, self.stats_images).eval()
+        log_q = self._log_probs(model)
+        pred = log_q.argmax(-1)
+        agreement = (pred == self.dense_log_probs.argmax(-1)).float().mean().item()
+        k = log_q.shape[-1]
+        confusion = torch.bincount(self.labels.reshape(-1) * k + pred, minlength=k * k).double()
+        return PixelScore(agreement=agreement, kl=_kl(self.dense_log_probs, log_q), miou=self.task.reduce(confusion))
+
+
+def make_proxy(task, teacher: nn.Module, splits) -> Union[AccuracyProxy, PixelProxy]:
+    """The task's screen: `AccuracyProxy` for classification, `PixelProxy` for segmentation; both
+    score on the proxy split with CDCP importance from the calibration split."""
+    if getattr(task, "per_pixel", False):
+        from ..tasks.masks import stack_labels
+
+        images, labels = stack_labels(splits.proxy)
+        return PixelProxy(task, teacher, images, labels, stack_images(splits.calib))
+    return AccuracyProxy(teacher, stack_images(splits.proxy), stack_images(splits.calib))

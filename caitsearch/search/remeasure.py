@@ -11,10 +11,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..compress import compress, materialize
 from ..config import CompressionConfig
 from ..models import ModelSpec
 from ..profile.runtime import Runtime
+from ..tasks import CLASSIFICATION, Task
 from .request import Budget
 
 
@@ -42,12 +42,13 @@ class Measured:
 
 def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, runtime: Runtime,
               calib: torch.Tensor, repeats: int = 15,
-              progress: Optional[Callable[[], None]] = None) -> tuple[dict, list[Measured]]:
-    """Time the dense model and the materialised candidates in one interleaved loop on `runtime`."""
+              progress: Optional[Callable[[], None]] = None, task: Task = CLASSIFICATION) -> tuple[dict, list[Measured]]:
+    """Time the dense model and the materialised candidates in one interleaved loop on `runtime`
+    (whole task models: for segmentation backbone, unmerge and decoder)."""
     models = {"dense": dense}
     for t in trials:
         cfg = CompressionConfig.from_dict(t.user_attrs["config"])
-        models[f"trial{t.number}"] = materialize(compress(dense, cfg, calib))
+        models[f"trial{t.number}"] = task.materialize(task.student(dense, cfg, calib))
     timings, telemetry = runtime.time_models(models, spec, repeats=repeats, warmup=2, progress=progress)
     dense_ms = timings["dense"].median
     out = []
@@ -65,7 +66,8 @@ def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, r
 def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, budget: Budget, dense_predicted_ms: float,
                            runtime: Runtime, calib: torch.Tensor,
                            wanted: int, per_round: int, repeats: int, rounds: int = 3,
-                           on_round: Optional[Callable[[int], Callable[[], None]]] = None) -> tuple[dict, list[Measured]]:
+                           on_round: Optional[Callable[[int], Callable[[], None]]] = None,
+                           task: Task = CLASSIFICATION) -> tuple[dict, list[Measured]]:
     """Re-measure the best feasible trials; if fewer than `wanted` stay within budget on this
     device, correct the predictions by the measured/predicted ratio seen so far and try the next
     best trials that still fit, up to `rounds` times. `on_round(n)` returns a per-repeat callback."""
@@ -78,7 +80,7 @@ def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, bu
             break
         queue = [t for t in queue if t not in batch]
         dense_timing, got = remeasure(dense, batch, spec, budget, runtime, calib, repeats=repeats,
-                                      progress=on_round(len(batch)) if on_round else None)
+                                      progress=on_round(len(batch)) if on_round else None, task=task)
         measured += got  # each carries the dense latency of its own loop, so rounds compare
         if sum(m.within_budget for m in measured) >= wanted:
             break

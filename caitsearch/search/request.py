@@ -114,6 +114,7 @@ class SearchRequest:
     out: Path
     budget: BudgetRequest
     strategy: str = "cait"  # cait, atme, cdcp or tome (space.STRATEGIES)
+    task: str = "classification"  # or "segmentation" (tasks.TASKS): the model, loss, metric and data
     model: Optional[str] = None
     img_size: Optional[tuple[int, int]] = None
     checkpoint: Optional[Path] = None

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..console import log
 from ..data import Splits
 from ..models import model_name
+from ..tasks import CLASSIFICATION, Task
 from .distributed import init_distributed
 from .loop import STATE_FILE, fit, load_train_state, total_steps
 from .outcome import check_classes, finish
@@ -23,13 +23,14 @@ FEW_STEPS = 1000
 
 
 def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path, progress: bool = True,
-                device: Optional[torch.device] = None) -> dict:
-    """Train (or fine-tune) a dense timm model in place; writes `model.safetensors` and
-    `metrics.json` to `out_dir` and returns the metrics ({"accuracy": test accuracy, ...})."""
+                device: Optional[torch.device] = None, task: Task = CLASSIFICATION) -> dict:
+    """Train (or fine-tune) a dense model of `task` in place (a timm model; for segmentation,
+    backbone and decoder together); writes `model.safetensors` and `metrics.json` to `out_dir`
+    and returns the metrics ({"accuracy": the task's test score, ...})."""
     check_classes(model, splits)
     ctx = init_distributed(device)
     model.to(ctx.device)
-    name = model_name(model)
+    name = model_name(getattr(model, "backbone", model))
     total = total_steps(recipe, len(splits.train), ctx.world)
     if (out_dir / STATE_FILE).is_file():
         load_train_state(out_dir / STATE_FILE)  # a state that cannot be resumed is refused before anything is said
@@ -42,8 +43,10 @@ def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path,
                 "--pretrained weights.")
 
     def loss_fn(net, x, y):
-        return F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing)
+        return task.dense_loss(net(x), y, recipe)
 
-    stats = fit(model, splits.train, recipe, out_dir, loss_fn, ctx,
-                fingerprint={"kind": "dense", "model": name, "data": splits.name}, progress=progress)
-    return finish(model, splits, out_dir, stats, ctx, recipe, {"epochs": recipe.epochs, "model": name})
+    fingerprint = {"kind": "dense", "model": name, "data": splits.name}
+    if task is not CLASSIFICATION:
+        fingerprint["task"] = task.name
+    stats = fit(model, splits.train, recipe, out_dir, loss_fn, ctx, fingerprint=fingerprint, progress=progress)
+    return finish(model, splits, out_dir, stats, ctx, recipe, {"epochs": recipe.epochs, "model": name}, task=task)

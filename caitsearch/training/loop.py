@@ -23,6 +23,7 @@ from ..console import Progress
 from ..errors import CaitsearchError, reason
 from ..io import atomic_write
 from ..models import read_weights_only
+from ..tasks import CLASSIFICATION, Task
 from .distributed import Dist
 from .recipe import Recipe
 
@@ -39,27 +40,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def load_batch(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images `(B, C, H, W)` and labels `(B,)` of `dataset` at `indices`."""
+    """Images `(B, C, H, W)` and labels `(B,)` (label maps `(B, H, W)`) of `dataset` at `indices`."""
     items = [dataset[int(i)] for i in indices]
+    if items and isinstance(items[0][1], torch.Tensor):
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, ctx: Optional[Dist] = None) -> float:
-    """Top-1 accuracy of `model` on `dataset`, in [0, 1] (summed over ranks under torchrun)."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, ctx: Optional[Dist] = None,
+             task: Task = CLASSIFICATION) -> float:
+    """The task's score of `model` on `dataset`, in [0, 1]: top-1 accuracy, or mean IoU for
+    segmentation (its statistics summed over ranks under torchrun)."""
     ctx = ctx or Dist(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    correct = torch.zeros(2, dtype=torch.float64)
+    stats = task.init_stats(model)
     idx = torch.arange(len(dataset))[ctx.rank::ctx.world]
     for start in range(0, len(idx), batch_size):
         x, y = load_batch(dataset, idx[start:start + batch_size])
-        pred = model(x.to(ctx.device, dtype)).argmax(-1).cpu()
-        correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
+        stats += task.batch_stats(model(x.to(ctx.device, dtype)), y)
     model.train(was_training)
-    correct = ctx.all_sum(correct.to(ctx.device)).cpu()
-    return float(correct[0] / max(correct[1], 1))
+    stats = ctx.all_sum(stats.to(ctx.device)).cpu()
+    return task.reduce(stats)
 
 
 def steps_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:

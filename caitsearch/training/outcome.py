@@ -8,6 +8,7 @@ from torch import nn
 from ..data import Splits
 from ..errors import CaitsearchError
 from ..io import save_weights, write_json
+from ..tasks import CLASSIFICATION, Task
 from .distributed import Dist
 from .loop import METRICS_FILE, MODEL_FILE, evaluate
 from .recipe import Recipe
@@ -21,14 +22,17 @@ def check_classes(model: nn.Module, splits: Splits) -> None:
 
 
 def finish(model: nn.Module, splits: Splits, out_dir: Path, stats: dict, ctx: Dist, recipe: Recipe,
-           extra: dict) -> dict:
+           extra: dict, task: Task = CLASSIFICATION) -> dict:
     """Evaluate on the validation and test splits, then write `model.safetensors` and
-    `metrics.json` (rank 0). `accuracy` is the test accuracy: reported, never used to choose."""
+    `metrics.json` (rank 0). `accuracy` is the test score (the task's metric; mIoU for
+    segmentation, also under `miou`): reported, never used to choose."""
     batch = max(recipe.batch_size, 256)
-    accuracy = evaluate(model, splits.test, batch_size=batch, ctx=ctx)
-    val = evaluate(model, splits.val, batch_size=batch, ctx=ctx) if len(splits.val) else None
+    accuracy = evaluate(model, splits.test, batch_size=batch, ctx=ctx, task=task)
+    val = evaluate(model, splits.val, batch_size=batch, ctx=ctx, task=task) if len(splits.val) else None
     metrics = {"accuracy": accuracy, "val_accuracy": val, "val_images": len(splits.val), **extra, "seconds": stats["seconds"], "steps": stats["steps"],
                "resumed_from_step": stats["resumed_from"], "test_images": len(splits.test), "data": splits.name}
+    if task is not CLASSIFICATION:
+        metrics.update({"task": task.name, "metric": task.metric, task.metric: accuracy, f"val_{task.metric}": val})
     if ctx.main:
         save_weights(model, Path(out_dir) / MODEL_FILE)
         write_json(Path(out_dir) / METRICS_FILE, metrics)

@@ -9,32 +9,30 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..compress import CaitViT, DynamicMasks, compress, materialize
+from ..compress import CaitViT, DynamicMasks
 from ..config import CompressionConfig
 from ..data import Splits
 from .distributed import init_distributed
 from .loop import CONFIG_FILE, STATE_FILE, evaluate, fit, load_batch, total_steps
 from .outcome import check_classes, finish
 from .recipe import Recipe
+from ..tasks import CLASSIFICATION, Task
 
 SEED_IMAGES = 512  # calibration images that start the running channel importance
 
 
-def distillation_loss(recipe: Recipe, teacher: nn.Module):
-    """`distill_weight` x KL(teacher || student) at `temperature` (scaled by T^2) plus the rest x cross-entropy."""
-    T = recipe.temperature
+def distillation_loss(recipe: Recipe, teacher: nn.Module, task: Task = CLASSIFICATION):
+    """`distill_weight` x KL(teacher || student) at `temperature` (scaled by T^2) plus the rest x
+    cross-entropy (for segmentation per pixel, over the class dimension: `task.distill_loss`)."""
 
     def loss_fn(net, x, y):
         logits = net(x)
         with torch.no_grad():
             target = teacher(x)
-        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(target / T, -1), log_target=True,
-                      reduction="batchmean") * T * T
-        return recipe.distill_weight * kd + (1 - recipe.distill_weight) * F.cross_entropy(logits, y)
+        return task.distill_loss(logits, target, y, recipe)
 
     return loss_fn
 
@@ -47,14 +45,15 @@ class Retraining:
     `anneal` fraction of the run), re-picked every `recipe.mask_every` steps, then freeze."""
 
     def __init__(self, teacher: nn.Module, config: CompressionConfig, splits: Splits, recipe: Recipe, out_dir: Path,
-                 device: Optional[torch.device] = None, anneal_steps: Optional[int] = None) -> None:
+                 device: Optional[torch.device] = None, anneal_steps: Optional[int] = None,
+                 task: Task = CLASSIFICATION) -> None:
         check_classes(teacher, splits)
-        config.validate(teacher)
-        self.config, self.splits, self.recipe, self.out_dir = config, splits, recipe, Path(out_dir)
+        config.validate(getattr(teacher, "spec", teacher))
+        self.config, self.splits, self.recipe, self.out_dir, self.task = config, splits, recipe, Path(out_dir), task
         self.ctx = ctx = init_distributed(device)
         self.teacher = teacher.to(ctx.device).eval()
-        self.student = compress(self.teacher, config).to(ctx.device)
-        self.masks = DynamicMasks(self.student, recipe.momentum)
+        self.student = task.student(self.teacher, config).to(ctx.device)
+        self.masks = DynamicMasks(task.backbone(self.student), recipe.momentum)
         self.total = total_steps(recipe, len(splits.train), ctx.world)
         self.anneal_steps = int(recipe.anneal * self.total) if anneal_steps is None else anneal_steps
         if not (self.out_dir / STATE_FILE).is_file() and len(splits.calib):
@@ -75,11 +74,8 @@ class Retraining:
         masks.attach(True)
         try:
             self.stats = fit(self.student, self.splits.train, recipe, self.out_dir,
-                             distillation_loss(recipe, self.teacher), ctx,
-                             fingerprint={"kind": "retrain", "model": self.config.model,
-                                          "config": self.config.to_dict(), "data": self.splits.name,
-                                          "anneal": recipe.anneal, "anneal_steps": self.anneal_steps,
-                                          "mask_every": recipe.mask_every},
+                             distillation_loss(recipe, self.teacher, self.task), ctx,
+                             fingerprint=self._fingerprint(),
                              on_step=lambda step, total: masks.on_step(step, self.anneal_steps, recipe.mask_every, mean),
                              extra_state=masks.state_dict, load_extra=resume, progress=progress, stop_at=until)
         finally:
@@ -88,28 +84,40 @@ class Retraining:
             masks.on_step(self.anneal_steps, self.anneal_steps, recipe.mask_every, mean)
         return self.stats
 
+    def _fingerprint(self) -> dict:
+        recipe = self.recipe
+        fingerprint = {"kind": "retrain", "model": self.config.model, "config": self.config.to_dict(),
+                       "data": self.splits.name, "anneal": recipe.anneal, "anneal_steps": self.anneal_steps,
+                       "mask_every": recipe.mask_every}
+        if self.task is not CLASSIFICATION:
+            fingerprint["task"] = self.task.name
+        return fingerprint
+
     def score(self, dataset: Dataset) -> float:
-        """Accuracy of the student as it is now (masks at their current widths) on `dataset`."""
-        return evaluate(self.student, dataset, batch_size=max(self.recipe.batch_size, 256), ctx=self.ctx)
+        """The task's score (accuracy, mIoU) of the student as it is now (masks at their current widths) on `dataset`."""
+        return evaluate(self.student, dataset, batch_size=max(self.recipe.batch_size, 256), ctx=self.ctx,
+                        task=self.task)
 
     def finish(self) -> tuple[CaitViT, dict]:
         """Freeze the masks, materialise, evaluate on val and test, write the files."""
         if not self.masks.frozen:
             self.masks.on_step(self.anneal_steps, self.anneal_steps, self.recipe.mask_every,
                                self.ctx.mean_over_ranks if self.ctx.world > 1 else None)
-        final = materialize(self.student).eval()
+        final = self.task.materialize(self.student).eval()
         if self.ctx.main:
             self.config.save(self.out_dir / CONFIG_FILE)
         metrics = finish(final, self.splits, self.out_dir, self.stats, self.ctx, self.recipe,
                          {"epochs": self.recipe.epochs, "model": self.config.model,
-                          "train_images": len(self.splits.train), "step_seconds": self.stats.get("step_seconds")})
+                          "train_images": len(self.splits.train), "step_seconds": self.stats.get("step_seconds")},
+                         task=self.task)
         return final, metrics
 
 
 def retrain_compressed(teacher: nn.Module, config: CompressionConfig, splits: Splits, recipe: Recipe, out_dir: Path,
-                       progress: bool = True, device: Optional[torch.device] = None) -> tuple[CaitViT, dict]:
+                       progress: bool = True, device: Optional[torch.device] = None,
+                       task: Task = CLASSIFICATION) -> tuple[nn.Module, dict]:
     """Retrain `config` to the end of `recipe` and return the materialised student (eval mode)
-    with {"accuracy": test accuracy, "val_accuracy", "epochs", "seconds", ...}."""
-    run = Retraining(teacher, config, splits, recipe, out_dir, device=device)
+    with {"accuracy": the task's test score, "val_accuracy", "epochs", "seconds", ...}."""
+    run = Retraining(teacher, config, splits, recipe, out_dir, device=device, task=task)
     run.run(progress=progress)
     return run.finish()
