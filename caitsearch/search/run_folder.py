@@ -47,10 +47,11 @@ TRIAL_NUMBERS = ("number", "kl", "agreement", "predicted_ms")
 TRIAL_FLAGS = ("feasible", "warm_start")
 RESULT_NUMBERS = ("trial", "latency_ms", "predicted_latency_ms", "speedup", "macs")
 # what the report reads of summary.json and its candidates: field -> check
-NUMBER, POSITIVE, TEXT, MAPPING, LIST = "a number", "a positive number", "text", "an object", "a list"
+NUMBER, POSITIVE, TEXT, MAPPING, LIST, FLAG = "a number", "a positive number", "text", "an object", "a list", "true or false"
 SUMMARY_FIELDS = {"model": TEXT, "budget": MAPPING, "candidates": LIST}
 CANDIDATE_FIELDS = {"trial": "a trial number", "accuracy": NUMBER, "latency_ms": POSITIVE,
                     "predicted_latency_ms": POSITIVE, "speedup": POSITIVE, "config": MAPPING}
+FINAL_RETRAINING_FIELDS = {"trial": "a trial number", "steps": NUMBER, "full_steps": POSITIVE, "epochs": POSITIVE}
 MANIFEST_FIELDS = {"command": LIST, "cwd": TEXT, "storage": TEXT, "study_name": TEXT, "profile": MAPPING,
                    "request": MAPPING}
 
@@ -269,7 +270,7 @@ def _valid(value: Any, kind: str) -> bool:
         return number and (kind == NUMBER or value > 0)
     if kind == "a trial number":
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return isinstance(value, {TEXT: str, MAPPING: dict, LIST: list}[kind])
+    return isinstance(value, {TEXT: str, MAPPING: dict, LIST: list, FLAG: bool}[kind])
 
 
 def _check_fields(data: dict, fields: dict[str, str], path: Path, where: str = "", optional: bool = False,
@@ -296,15 +297,29 @@ def check_summary(summary: dict, path: Path) -> dict:
         if not isinstance(dense, dict):
             raise CaitsearchError(f"{path}: 'dense' must be an object.")
         _check_fields(dense, {"accuracy": NUMBER, "latency_ms": POSITIVE}, path, "dense.")
-        _check_fields(dense, {"predicted_latency_ms": POSITIVE}, path, "dense.", optional=True, nullable=True)
+        _check_fields(dense, {"predicted_latency_ms": POSITIVE, "val_accuracy": NUMBER}, path, "dense.", optional=True,
+                      nullable=True)
     if not isinstance(summary.get("over_budget", []), list):
         raise CaitsearchError(f"{path}: 'over_budget' must be a list.")
+    _check_fields(summary, {"teacher": MAPPING, "selection": TEXT}, path, optional=True, nullable=True)
+    _check_fields(summary.get("teacher") or {}, {"warning": TEXT}, path, "teacher.", optional=True, nullable=True)
+    _check_fields(summary, {"final_retraining": LIST}, path, optional=True)
+    for i, plan in enumerate(summary.get("final_retraining", [])):
+        if not isinstance(plan, dict):
+            raise CaitsearchError(f"{path}: final_retraining[{i}] must be an object.")
+        _check_fields(plan, FINAL_RETRAINING_FIELDS, path, f"final_retraining[{i}].")
+        _check_fields(plan, {"step_seconds": POSITIVE, "limited_by": TEXT}, path, f"final_retraining[{i}].",
+                      optional=True, nullable=True)
+        if plan.get("limited_by") and plan.get("step_seconds") is None:
+            raise CaitsearchError(f"{path}: final_retraining[{i}] is limited but has no 'step_seconds'.")
     for i, c in enumerate(summary["candidates"]):
         if not isinstance(c, dict):
             raise CaitsearchError(f"{path}: candidate {i} must be an object.")
         _check_fields(c, CANDIDATE_FIELDS, path, f"candidates[{i}].")
         _check_fields(c, {"timing": MAPPING, "path": TEXT}, path, f"candidates[{i}].", optional=True)
-        _check_fields(c, {"proxy_agreement": NUMBER}, path, f"candidates[{i}].", optional=True, nullable=True)
+        _check_fields(c, {"proxy_agreement": NUMBER, "val_accuracy": NUMBER}, path, f"candidates[{i}].", optional=True,
+                      nullable=True)
+        _check_fields(c, {"family": TEXT, "retrained": FLAG}, path, f"candidates[{i}].", optional=True)
         try:
             CompressionConfig.from_dict(c["config"])
         except CaitsearchError as e:
