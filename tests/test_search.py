@@ -330,3 +330,22 @@ def test_short_fine_tunes_resume_after_sigkill_without_repeating_a_finished_rung
             assert torch.load(states[c], weights_only=True)["step"] == reached
     trials = optuna.load_study(study_name="search:rank", storage=url).get_trials()
     assert sum(t.state == TrialState.RUNNING for t in trials) == 0
+
+
+def test_finalists_keep_the_best_pure_pruning_and_merge_heavy_candidate_whatever_the_proxy_says():
+    """Re-measured candidates come in proxy order; a proxy that ranks every merge config above the
+    pruning ones must not keep pruning out of the short fine-tunes (nor merging out, the other way)."""
+    from types import SimpleNamespace
+
+    from caitsearch.search import rank
+
+    spec = ModelSpec.of(create_model(DEFAULT_MODEL))
+    joint = [CompressionConfig.uniform(spec, keep_rate=k, merge_every=2, merge_start=1) for k in (0.75, 0.7, 0.65, 0.6)]
+    prune = CompressionConfig.uniform(spec, keep_rate=0.5)
+    merge = CompressionConfig.uniform(spec, merge_every=1, merge_start=1)
+    items = [SimpleNamespace(trial=i, config=c) for i, c in enumerate([*joint, prune, merge])]
+    chosen = rank.pick_finalists(items, spec, 3, config_of=lambda c: c.config)
+    assert [c.trial for c in chosen] == [0, 4, 5]  # the proxy's best, then the must-haves, in proxy order
+    assert [c.trial for c in rank.pick_finalists(items, spec, 8, config_of=lambda c: c.config)] == list(range(6))
+    assert rank.pick_finalists(items, spec, 0, config_of=lambda c: c.config) == []
+    assert [c.trial for c in rank.pick_finalists(items[:4], spec, 2, config_of=lambda c: c.config)] == [0, 1]

@@ -323,7 +323,9 @@ def rank_finalists(p: Prepared, m: Remeasured) -> Ranked:
     """Short fine-tunes of the candidates within budget, halved by validation accuracy at every
     rung (`rank`); without anything to retrain, or fewer than two candidates, the proxy order stands."""
     req = p.request
-    within = [c for c in m.candidates if c.within_budget][: max(req.rank.finalists, req.retrain_top)]
+    # the re-measured candidates are in proxy order: keep the best pure-pruning and merge-heavy one among them
+    within = rk.pick_finalists([c for c in m.candidates if c.within_budget], p.spec,
+                               max(req.rank.finalists, req.retrain_top), config_of=lambda c: c.config)
     proxy_order = [c.trial for c in within]
     if req.retrain_top == 0 or req.rank.finalists < 2 or len(within) < 2:
         return Ranked(proxy_order + [c.trial for c in m.candidates if c.within_budget and c.trial not in proxy_order],
@@ -372,16 +374,19 @@ def retrain_best(p: Prepared, m: Remeasured, r: Ranked) -> Retrained:
     dense_accuracy = float(evaluate(p.teacher, p.splits.test, batch_size=batch, task=p.task))
     rank_of = {trial: i for i, trial in enumerate(r.order)}
     step_seconds = {res.trial: res.step_seconds for res in r.results}
-    rows, candidates, final = [], [], []
-    for c in sorted(m.candidates, key=lambda c: rank_of.get(c.trial, len(rank_of))):
+    ordered = sorted(m.candidates, key=lambda c: rank_of.get(c.trial, len(rank_of)))
+    retrain = {c.trial for c in ordered if c.within_budget and rank_of.get(c.trial, len(rank_of)) < req.retrain_top}
+    results, final = {}, []
+    # the untrained ones are evaluated first, so the retrainings are sized to the time really left
+    for c in sorted((c for c in ordered if c.within_budget), key=lambda c: c.trial in retrain):
         folder = p.run.candidate(c.trial)
-        retrain = c.within_budget and rank_of.get(c.trial, len(rank_of)) < req.retrain_top
-        result = None
-        if c.within_budget:
-            plan = plan_retraining(p, c, folder, step_seconds.get(c.trial)) if retrain else None
-            result = finish_candidate(p, c, folder, plan)
-            if plan:
-                final.append({"trial": c.trial, **plan})
+        plan = plan_retraining(p, c, folder, step_seconds.get(c.trial)) if c.trial in retrain else None
+        results[c.trial] = finish_candidate(p, c, folder, plan)
+        if plan:
+            final.append({"trial": c.trial, **plan})
+    rows, candidates = [], []
+    for c in ordered:
+        folder, result = p.run.candidate(c.trial), results.get(c.trial)
         row = {"rank": rank_of.get(c.trial), "trial": c.trial, "family": p.space.family_of(c.config),
                "within_budget": c.within_budget, "retrained": bool(result and result["retrained"]),
                "val_accuracy": result["val_accuracy"] if result else None,

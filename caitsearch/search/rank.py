@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -40,23 +40,29 @@ def merge_share(config: CompressionConfig, spec: ModelSpec) -> float:
     return 0.0 if saved <= 0 else max(0.0, min(1.0, (unmerged - total) / saved))
 
 
-def pick_finalists(trials: Sequence, spec: ModelSpec, count: int) -> list:
-    """The `count` feasible trials best by proxy, always including the best pure-pruning one and
-    the best merge-heavy one (most of its saving from merging) where the study has them, so a
-    proxy that misranks merging against pruning cannot decide alone. `trials` come best first."""
+def trial_config(trial) -> CompressionConfig:
+    """The config an Optuna trial of the search stored."""
+    return CompressionConfig.from_dict(trial.user_attrs["config"])
+
+
+def pick_finalists(items: Sequence, spec: ModelSpec, count: int,
+                   config_of: Callable[[Any], CompressionConfig] = trial_config) -> list:
+    """The `count` items best by proxy, always including the best pure-pruning one and the best
+    merge-heavy one (most of its saving from merging) where there are such, so a proxy that
+    misranks merging against pruning cannot decide alone. `items` (study trials, or re-measured
+    candidates with `config_of`) come best first; the result keeps that order."""
     if count <= 0:
         return []
-    configs = {t.number: CompressionConfig.from_dict(t.user_attrs["config"]) for t in trials}
+    configs = [config_of(item) for item in items]
     space = SearchSpace(spec)
-    must = []
+    must: list[int] = []
     for wanted in (lambda c: space.family_of(c) == "prune",
                    lambda c: merge_share(c, spec) >= 0.5):
-        best = next((t for t in trials if wanted(configs[t.number])), None)
+        best = next((i for i, c in enumerate(configs) if wanted(c)), None)
         if best is not None and best not in must:
             must.append(best)
-    rest = [t for t in trials if t not in must][: max(0, count - len(must))]
-    chosen = {t.number for t in must + rest}
-    return [t for t in trials if t.number in chosen]  # proxy order
+    rest = [i for i in range(len(items)) if i not in must][: max(0, count - len(must))]
+    return [items[i] for i in sorted(must[:count] + rest)]
 
 
 def rung_steps(first: int, rungs: int) -> tuple[int, ...]:
