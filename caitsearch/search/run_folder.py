@@ -178,9 +178,9 @@ class RunFolder:
     def read_ranking(self) -> pd.DataFrame:
         if not self.ranking.is_file():
             return pd.DataFrame()
-        frame = _read_table(self.ranking, ["trial"], ("trial",), (), nullable=False)
-        rungs = tuple(c for c in frame.columns if str(c).startswith("val_at_"))
-        return _read_table(self.ranking, ["trial"], ("trial", *rungs), (), nullable=True) if rungs else frame
+        frame = _check_table(_read_parquet(self.ranking), self.ranking, ["trial"], ("trial",), (), nullable=False)
+        rungs = tuple(c for c in frame.columns if str(c).startswith("val_at_"))  # empty after a candidate was halved
+        return _check_table(frame, self.ranking, [], rungs, (), nullable=True)
 
     def read_remeasured(self) -> Optional[dict]:
         return _read_json(self.remeasured)
@@ -241,10 +241,18 @@ def _read_table(path: Path, columns: list[str], numbers: tuple[str, ...], flags:
                 nullable: bool) -> pd.DataFrame:
     """A Parquet table with at least `columns`, those in `numbers` numeric (finite, positive where
     they are latencies; empty only if `nullable`), those in `flags` true or false."""
+    return _check_table(_read_parquet(path), path, columns, numbers, flags, nullable)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_parquet(path)
+        return pd.read_parquet(path)
     except Exception as e:  # truncated or corrupt Parquet: pyarrow raises several types
         raise CaitsearchError(f"{path} is corrupt or truncated ({reason(e, 120)}).") from e
+
+
+def _check_table(frame: pd.DataFrame, path: Path, columns: list[str], numbers: tuple[str, ...],
+                 flags: tuple[str, ...], nullable: bool) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame]
     wrong = [c for c in numbers if c in frame and not _numbers(frame[c], nullable, positive=c.endswith("_ms"))]
     wrong += [c for c in flags if c in frame and not (pd.api.types.is_bool_dtype(frame[c])
