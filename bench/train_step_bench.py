@@ -15,6 +15,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def main() -> int:
     teacher = load_teacher(DEFAULT_MODEL, img_size=spec.img_size, num_classes=splits.num_classes).model.eval()
     config = strategy_config(spec, "cait", args.budget, None, None, True)
     recipe = Recipe(batch_size=128)
-    with tempfile_dir() as out:
-        job = Retraining(teacher, config, splits, recipe, out)
+    with tempfile.TemporaryDirectory(prefix="train-step-bench-") as out:  # nothing is saved: no step goes through fit
+        job = Retraining(teacher, config, splits, recipe, Path(out))
     student, masks = job.student, job.masks
     masks.attach(True)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -72,16 +73,14 @@ def main() -> int:
         with torch.no_grad():
             teacher(x)
 
-    variants = {
-        "load batch (128 images, augmented)": lambda: load_batch(splits.train, rows),
-        "teacher forward": teacher_forward,
-        "student forward+backward+AdamW": student_only,
-        "whole step, 2 threads": lambda: step(student),
-        "whole step, 2 threads, bf16 autocast": lambda: step(student, autocast=True),
+    variants = {  # name -> (threads, one call)
+        "load batch (128 images, augmented)": (2, lambda: load_batch(splits.train, rows)),
+        "teacher forward": (2, teacher_forward),
+        "student forward+backward+AdamW": (2, student_only),
+        "whole step, 2 threads": (2, lambda: step(student)),
+        "whole step, 2 threads, bf16 autocast": (2, lambda: step(student, autocast=True)),
+        "whole step, 1 thread": (1, lambda: step(student)),
     }
-    threads = {name: 2 for name in variants}
-    variants["whole step, 1 thread"] = lambda: step(student)
-    threads["whole step, 1 thread"] = 1
     compile_seconds = None
     if not args.skip_compile:
         began = time.perf_counter()
@@ -89,14 +88,13 @@ def main() -> int:
             compiled = torch.compile(student)
             step(compiled)  # compiles
             compile_seconds = time.perf_counter() - began
-            variants["whole step, 2 threads, torch.compile"] = lambda: step(compiled)
-            threads["whole step, 2 threads, torch.compile"] = 2
+            variants["whole step, 2 threads, torch.compile"] = (2, lambda: step(compiled))
         except Exception as e:  # report, do not hide: the loop stays eager where compile fails
             compile_seconds = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.steps + 2):
-        for name, fn in variants.items():
-            torch.set_num_threads(threads[name])
+        for name, (threads, fn) in variants.items():
+            torch.set_num_threads(threads)
             began = time.perf_counter()
             fn()
             if i >= 2:
@@ -107,7 +105,7 @@ def main() -> int:
         "config_budget": args.budget, "compile_seconds": compile_seconds,
         "cpu_bf16": cpu_bf16(),
         "variants": {name: {"median_s": statistics.median(t), "vs_whole_step": statistics.median(t) / base,
-                            "threads": threads[name]} for name, t in times.items()},
+                            "threads": variants[name][0]} for name, t in times.items()},
     }
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "train_step.json", json.dumps(result, indent=2) + "\n")
@@ -128,14 +126,6 @@ def cpu_bf16() -> list[str]:
     except (OSError, StopIteration):
         return []
     return sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16"))
-
-
-@contextlib.contextmanager
-def tempfile_dir():
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="train-step-bench-") as d:
-        yield Path(d)
 
 
 if __name__ == "__main__":
