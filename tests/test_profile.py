@@ -168,6 +168,31 @@ def test_grid_interpolates_multilinearly_and_clamps():
         Grid(rows.iloc[:3], ["tokens", "mlp"], "test")
 
 
+@pytest.mark.slow
+def test_whole_configs_are_timed_beside_dense_and_drift_is_divided_out(profile_dir):
+    """Every e2e loop carries dense (`ref_ms`); a machine slowed by 12% during some loops (as seen
+    in a DeiT-Tiny build) changes neither the fitted factors nor the profile's dense latency."""
+    prof = LatencyProfile.load(profile_dir)
+    t = prof.table
+    e2e = t[t.kind == "e2e"]
+    assert json.loads(e2e.config.iloc[0]) == CompressionConfig.dense(prof.spec).to_dict()
+    assert (e2e.ref_ms > 0).all() and e2e.ref_ms.iloc[0] == e2e.median_ms.iloc[0]  # dense is its own loop's reference
+    assert t[t.kind != "e2e"].ref_ms.isna().all()
+    assert len(set(e2e.ref_ms)) == -(-len(e2e) // prof.manifest["resolution"]["e2e_group"])  # one dense per loop
+
+    slowed = t.copy()
+    refs = sorted(set(e2e.ref_ms))
+    late = (slowed.kind == "e2e") & (slowed.ref_ms > refs[len(refs) // 2])  # loops above the median dense
+    assert late.any()
+    slowed.loc[late, ["median_ms", "ref_ms"]] *= 1.12  # the whole loop slower: configs and dense alike
+    drifted = LatencyProfile(prof.manifest, slowed, prof.path)
+    np.testing.assert_allclose(drifted.factors, prof.factors, rtol=1e-9)
+    assert drifted.measured_e2e(CompressionConfig.dense(prof.spec)) == pytest.approx(
+        prof.measured_e2e(CompressionConfig.dense(prof.spec)))
+    raw = slowed.drop(columns="ref_ms")  # a profile from before ref_ms: its raw timings, drift and all
+    assert not np.allclose(LatencyProfile(prof.manifest, raw, prof.path).factors, prof.factors, rtol=1e-3)
+
+
 def test_part_factors_are_recovered_and_stay_non_negative():
     from caitsearch.profile.predictor import fit_factors
 

@@ -32,7 +32,7 @@ from ..space import SearchSpace
 from .backends import BACKENDS, check_backend, make_backend
 from .fingerprint import differences, fingerprint
 from .plan import (
-    FULL, QUICK, AttentionPart, Entry, HeadPart, MergePart, MlpPart, StemPart, merged_grid, one_block_model, plan,
+    FULL, QUICK, AttentionPart, Entry, HeadPart, MergePart, MlpPart, StemPart, dense_entry, merged_grid, one_block_model, plan,
 )
 
 PROFILE_ROOT = Path("hw_profiles")
@@ -47,6 +47,19 @@ def default_profile_path(model_name: str, img_size: Sequence[int], backend: str 
     """`hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>`: one directory per profile."""
     h, w = img_size
     return PROFILE_ROOT / f"{model_name}_{h}x{w}_{backend}_b{batch_size}_{dtype}"
+
+
+def own_folder(default: Path, here: dict) -> Path:
+    """This machine's folder for the profile whose default folder is `default`: `default` when it is
+    free or was measured on this device (`here`, a fingerprint), else `default-<tag>` beside it, named
+    by the fingerprint, so a profile measured elsewhere (a committed one) is left alone."""
+    tag = hashlib.sha1(json.dumps(here, sort_keys=True).encode()).hexdigest()[:8]
+    tagged = default.with_name(f"{default.name}-{tag}")
+    if (tagged / MANIFEST).is_file():
+        return tagged
+    if (default / MANIFEST).is_file() and differences(read_manifest(default).get("fingerprint", {}), here):
+        return tagged
+    return default
 
 
 def space_settings(space: SearchSpace) -> dict:
@@ -165,6 +178,18 @@ def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, 
     return rows
 
 
+def measure_against_dense(entries: Sequence[Entry], dense: Entry, model, spec, space, be, batch: int,
+                          res) -> list[dict]:
+    """Time whole configs (`e2e` entries) in one interleaved loop with the `dense` entry beside them;
+    one row per entry, in order, each with `ref_ms`: dense's latency in that same loop. A shared
+    machine drifts by 5-12% over minutes (seen within one DeiT-Tiny build), so whole-config timings
+    are compared through their ratio to dense, never across loops in raw milliseconds."""
+    others = [e for e in entries if e.key != dense.key]
+    rows = measure_group(others + [dense], model, spec, space, be, batch, res)
+    by_key, ref = {r["key"]: r for r in rows}, rows[-1]["median_ms"]
+    return [{**by_key[e.key], "ref_ms": ref} for e in entries]
+
+
 def _write_table(directory: Path, table: pd.DataFrame, csv: bool) -> None:
     atomic_write(directory / TABLE, lambda tmp: table.to_parquet(tmp, index=False))
     if csv:
@@ -200,16 +225,18 @@ def build_profile(
     if space.spec != spec:
         raise CaitsearchError(f"the search space is for {space.spec.name} at {list(space.spec.img_size)}, not this model.")
     res = QUICK if quick else FULL
-    directory = Path(out) if out else default_profile_path(spec.name, spec.img_size, backend, batch_size, dtype)
-    check_output_dir(directory)
-    if holds_files(directory) and not (directory / MANIFEST).exists():
-        raise CaitsearchError(f"{directory} holds files but no latency profile; pass a new or empty --out.")
+    if out is not None:
+        check_output_dir(Path(out))
     be = make_backend(backend, dtype, threads, cuda_graphs)
     settings = {"model": spec.name, "img_size": list(spec.img_size), "num_classes": spec.num_classes,
                 "backend": backend, "batch_size": batch_size, "dtype": dtype,
                 "threads": be.threads if backend == "torch-cpu" else None, "quick": quick,
                 "cuda_graphs": be.cuda_graphs, "space": space_settings(space)}
     fp = fingerprint(backend, settings["threads"])
+    directory = Path(out) if out else own_folder(default_profile_path(spec.name, spec.img_size, backend, batch_size, dtype), fp)
+    check_output_dir(directory)
+    if holds_files(directory) and not (directory / MANIFEST).exists():
+        raise CaitsearchError(f"{directory} holds files but no latency profile; pass a new or empty --out.")
 
     table = pd.DataFrame()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -240,12 +267,16 @@ def build_profile(
 
     clock = time.perf_counter()
     spent = float(old.get("build_seconds", 0.0))
+    dense = dense_entry(spec)
     # modules are built outside inference mode: exporters (TensorRT via ONNX) refuse inference tensors
     with Progress(progress) as bar:
         task = bar.task(f"profile {spec.name}", total=sum(len(g) for g in groups) + len(done), completed=len(done))
         for group in groups:
             task.update(info=group[0].kind)
-            rows = measure_group(group, model, spec, space, be, batch_size, res)
+            if group[0].kind == "e2e":  # every e2e group carries dense, so the fit can divide drift out
+                rows = measure_against_dense(group, dense, model, spec, space, be, batch_size, res)
+            else:
+                rows = measure_group(group, model, spec, space, be, batch_size, res)
             table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
             _write_table(directory, table, csv=False)
             manifest["build_seconds"] = round(spent + time.perf_counter() - clock, 1)

@@ -192,13 +192,22 @@ def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]
     rng = random.Random(seed)
     rng.shuffle(groups)
     # dense, the fastest point of the space, and every family spread over its range (see module doc)
-    configs = [CompressionConfig.dense(space.spec), space.corners()["min"]]
+    configs = [space.corners()["min"]]
     families = [f for f in FIT_FAMILIES if f in space.families or (f == "tome" and space.merge)] or [None]
     for family in families:
         configs += spread_configs(space if family is None else family_space(space, family), res.e2e_per_family, rng)
-    e2e = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for c in configs]
+    e2e = [dense_entry(space.spec)] + [e2e_entry(c) for c in configs]
     groups += [e2e[i:i + res.e2e_group] for i in range(0, len(e2e), res.e2e_group)]
     return groups
+
+
+def e2e_entry(config: CompressionConfig) -> Entry:
+    return Entry("e2e", config=json.dumps(config.to_dict(), separators=(",", ":")))
+
+
+def dense_entry(spec: ModelSpec) -> Entry:
+    """The dense model as a whole config: the reference every whole-config timing is taken beside."""
+    return e2e_entry(CompressionConfig.dense(spec))
 
 
 # ----- the modules that are timed ------------------------------------------------------------------

@@ -235,13 +235,26 @@ class LatencyProfile:
         return float(self.part_sums(config) @ self.factors)
 
     def measured_e2e(self, config: CompressionConfig) -> float:
-        """The profile's own end-to-end measurement of `config` (its prediction if never measured)."""
+        """The profile's own end-to-end measurement of `config`, drift divided out (see `e2e_ms`);
+        its prediction if never measured."""
         e2e = self.table[self.table.kind == "e2e"]
         wanted = config.to_dict()
-        for text, ms in zip(e2e["config"], e2e["median_ms"]):
+        for text, ms in zip(e2e["config"], self.e2e_ms()):
             if json.loads(text) == wanted:
                 return float(ms)
         return self.predict(config)
+
+    def e2e_ms(self) -> np.ndarray:
+        """The whole-config timings of the table, on one scale: each row's ratio to dense measured in
+        its own loop (`ref_ms`), times the median of those dense timings. A shared CPU drifted 5-12%
+        within one build's whole-config phase; fitted raw, that drift biased the factors by +5%.
+        Rows of profiles built before `ref_ms` existed are taken as they are."""
+        e2e = self.table[self.table.kind == "e2e"]
+        ms = e2e["median_ms"].to_numpy(dtype=float)
+        if "ref_ms" not in e2e or e2e["ref_ms"].isna().any():
+            return ms
+        ref = e2e["ref_ms"].to_numpy(dtype=float)
+        return ms * float(np.median(ref)) / ref
 
     @property
     def dense_ms(self) -> float:
@@ -253,7 +266,7 @@ class LatencyProfile:
         if e2e.empty:
             return np.ones(len(PARTS))
         parts = np.array([self.part_sums(CompressionConfig.from_dict(json.loads(c))) for c in e2e["config"]])
-        return fit_factors(parts, e2e["median_ms"].to_numpy(dtype=float))
+        return fit_factors(parts, self.e2e_ms())
 
     def summary(self) -> dict:
         m = self.manifest

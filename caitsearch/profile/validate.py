@@ -7,7 +7,6 @@ correlation, plus a predicted-vs-measured scatter plot.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -21,8 +20,8 @@ from ..io import atomic_write, check_output_dir, write_json
 from ..models import create_model
 from ..space import STRATEGIES, SearchSpace
 from .backends import make_backend
-from .build import measure_group
-from .plan import FULL, QUICK, Entry
+from .build import measure_against_dense
+from .plan import FULL, QUICK, dense_entry, e2e_entry
 from .predictor import LatencyProfile
 
 
@@ -109,21 +108,20 @@ def validate_profile(
         raise CaitsearchError(f"profile {prof.path} has unusable space settings ({reason(e, 120)}); build it again.") from e
     res = QUICK if m.get("quick") else FULL
     be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
-    entries = [Entry("e2e", config=json.dumps(c.to_dict(), separators=(",", ":"))) for _, c in drawn]
-    # the dense model is timed in every group: the shared machine drifts by a few percent over
-    # minutes, and a config is judged by its latency relative to dense measured beside it
-    dense = CompressionConfig.dense(prof.spec)
-    dense_entry = Entry("e2e", config=json.dumps(dense.to_dict(), separators=(",", ":")))
-    reference_ms = prof.measured_e2e(dense)
+    entries = [e2e_entry(c) for _, c in drawn]
+    # a config is judged by its latency relative to dense measured beside it (the shared machine
+    # drifts by several percent over minutes), scaled to the profile's own dense latency
+    reference_ms = prof.measured_e2e(CompressionConfig.dense(prof.spec))
 
     rows, drift = [], []
     with Progress(progress) as bar:
         task = bar.task("validate", total=len(entries))
         for i in range(0, len(entries), res.e2e_group):
             group = entries[i:i + res.e2e_group]
-            measured_group = measure_group(group + [dense_entry], model, prof.spec, space, be, m["batch_size"], res)
-            factor = reference_ms / measured_group[-1]["median_ms"]
-            rows += [{**r, "dense_ms": measured_group[-1]["median_ms"], "drift_factor": factor} for r in measured_group[:-1]]
+            measured = measure_against_dense(group, dense_entry(prof.spec), model, prof.spec, space, be,
+                                             m["batch_size"], res)
+            factor = reference_ms / measured[0]["ref_ms"]
+            rows += [{**r, "dense_ms": r["ref_ms"], "drift_factor": factor} for r in measured]
             drift.append(factor)
             task.advance(len(group))
     families = [name for name, _ in drawn]
