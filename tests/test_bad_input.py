@@ -323,6 +323,8 @@ CASES = [
     case("compare-out-unwritable", "compare {dir} --out /dev/null/cmp", "/dev/null/cmp", 4),
     case("export-out-is-a-folder", "export --config {cfg} --out {dir}", "{dir} is a folder", 4),
     case("export-out-unwritable", "export --config {cfg} --out /dev/null/m.onnx", "/dev/null/m.onnx", 4),
+    case("bench-profile-missing", "bench --profile {new}", "profile {new} is not a folder", 4),
+    case("search-profile-missing", "search --budget 0.5 --profile {new}", "profile {new} is not a folder", 4),
     case("search-out-is-a-file", "search --budget 0.5 --out {file}", "{file} is a file", 4, slow=True),
     case("search-out-unwritable", "search --budget 0.5 --out /dev/null/run", "/dev/null/run", 4, slow=True),
     case("export-candidate-out-is-a-folder", "export {cand} --out {dir}", "{dir} is a folder", 4, slow=True),

@@ -135,8 +135,7 @@ def test_tome_strategy_is_searched_and_retrained_the_same_way(tmp_path, quick_pr
 def test_foreign_default_profile_gives_this_machine_its_own(tmp_path, quick_profile, monkeypatch):
     import shutil
 
-    from caitsearch.profile import default_profile_path
-    from caitsearch.profile import find_profile
+    from caitsearch.profile import build_profile, default_profile_path, find_profile
 
     spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
     monkeypatch.chdir(tmp_path)
@@ -150,6 +149,9 @@ def test_foreign_default_profile_gives_this_machine_its_own(tmp_path, quick_prof
     assert json.loads((prof.path / "manifest.json").read_text())["complete"]
     assert json.loads((committed / "manifest.json").read_text())["fingerprint"]["cpu"] == "Some Other CPU"
     assert find_profile(spec, progress=False).path == prof.path  # found again, not rebuilt
+    assert build_profile(DEFAULT_MODEL, quick=True, progress=False) == prof.path  # `caitsearch profile` without --out
+    shutil.rmtree(committed)  # the other machine's profile gone: this machine's own is still the one found
+    assert find_profile(spec, progress=False).path == prof.path and not committed.exists()
 
 
 @pytest.mark.slow

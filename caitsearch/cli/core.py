@@ -123,7 +123,7 @@ def bench(
 
       caitsearch bench --config cfg.json --profile hw_profiles/deit_small_patch16_224_224x224_cuda_b32_fp16
     """
-    check_inputs(config, checkpoint)
+    check_inputs(config, checkpoint, profile)
     import torch
 
     from ..device import resolve_device, resolve_dtype

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..defaults import DEFAULT_MODEL
+from ..errors import CaitsearchError
 from ..io import check_input_file
 
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -49,9 +50,13 @@ TaskOpt = Annotated[str, typer.Option(
                    "DIR/{train,val}/{images,masks}/, see README).")]
 
 
-def check_inputs(config: Optional[Path] = None, checkpoint: Optional[Path] = None) -> None:
-    """The files --config and --checkpoint name, refused before torch loads when missing or a folder."""
+def check_inputs(config: Optional[Path] = None, checkpoint: Optional[Path] = None,
+                 profile: Optional[Path] = None) -> None:
+    """The files --config and --checkpoint name, refused before torch loads when missing or a folder;
+    the --profile folder, refused when missing (its contents are checked where it is read)."""
     if config is not None:
         check_input_file(config, "config")
     if checkpoint is not None:
         check_input_file(checkpoint, "checkpoint")
+    if profile is not None and not profile.is_dir():
+        raise CaitsearchError(f"profile {profile} is not a folder; build one with `caitsearch profile`.")

@@ -25,7 +25,7 @@ def profile(
     batch_size: BatchOpt = 32,
     dtype: DtypeOpt = "fp32",
     threads: ThreadsOpt = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile directory (default: hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile directory (default: hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>, or that name + -<device tag> when it holds another machine's profile).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Coarser table, fewer repeats: a smoke test in seconds, not a profile to trust.")] = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="cuda backend: replay every measured module as a CUDA graph.")] = False,
     as_json: JsonOpt = False,

@@ -92,7 +92,7 @@ def search(
       caitsearch search --budget 0.6 --task segmentation   # backbone + decoder, screened and ranked by mIoU, timed with the decoder
     """
     resumable()
-    check_inputs(checkpoint=checkpoint)
+    check_inputs(checkpoint=checkpoint, profile=profile)
     import optuna
 
     from ..search import (

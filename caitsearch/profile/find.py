@@ -2,16 +2,15 @@
 model, built (or resumed, or topped up) on first use."""
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from ..console import log
 from ..errors import CaitsearchError
 from ..models import ModelSpec
-from .build import MANIFEST, build_profile, default_profile_path, read_manifest
-from .fingerprint import differences, fingerprint
+from .build import MANIFEST, build_profile, default_profile_path, own_folder, read_manifest
+from .fingerprint import fingerprint
 from .predictor import LatencyProfile
 
 
@@ -25,16 +24,13 @@ def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optio
         if not Path(profile).exists():
             raise CaitsearchError(f"profile {profile} does not exist; build one with `caitsearch profile`.")
         return _loaded(Path(profile), spec, allow_foreign)
-    path = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
-    if (path / MANIFEST).is_file():
-        if allow_foreign:
-            return _loaded(path, spec, allow_foreign)
-        manifest = read_manifest(path)
-        here = fingerprint("torch-cpu", manifest.get("threads"))
-        if differences(manifest.get("fingerprint", {}), here):
-            tag = hashlib.sha1(json.dumps(here, sort_keys=True).encode()).hexdigest()[:8]
-            log(f"{path} was measured on another machine; using this machine's own profile {path.name}-{tag}")
-            path = path.with_name(f"{path.name}-{tag}")
+    here = fingerprint("torch-cpu", threads or len(os.sched_getaffinity(0)))
+    default = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
+    path = own_folder(default, here)
+    if path != default:
+        if allow_foreign and not (path / MANIFEST).is_file():
+            return _loaded(default, spec, allow_foreign)  # the other machine's profile, as asked, over profiling this one
+        log(f"{default} was measured on another machine; using this machine's own profile {path.name}")
     if (path / MANIFEST).is_file():  # ours: the same build resumes it or tops up rows a newer plan added
         manifest = read_manifest(path)
         threads, quick = manifest.get("threads"), bool(manifest.get("quick"))
