@@ -4,11 +4,11 @@
 `load_teacher` is the one place that decides which dense weights a command starts from."""
 from .dense import train_dense
 from .distributed import Dist, init_distributed
-from .loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, evaluate, fit, load_batch, load_train_state
+from .loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, Checkpoint, Hooks, evaluate, fit, load_batch
 from .recipe import DENSE_LR, RETRAIN_LR, Recipe
 from .retrain import Retraining, retrain_compressed
 from .teacher import Teacher, TrainOnce, load_teacher
 
-__all__ = ["CONFIG_FILE", "DENSE_LR", "Dist", "METRICS_FILE", "MODEL_FILE", "RETRAIN_LR", "Recipe", "Retraining", "STATE_FILE",
-           "Teacher", "TrainOnce", "evaluate", "fit", "init_distributed", "load_batch", "load_teacher",
-           "load_train_state", "retrain_compressed", "train_dense"]
+__all__ = ["CONFIG_FILE", "Checkpoint", "DENSE_LR", "Dist", "Hooks", "METRICS_FILE", "MODEL_FILE", "RETRAIN_LR", "Recipe",
+           "Retraining", "STATE_FILE", "Teacher", "TrainOnce", "evaluate", "fit", "init_distributed", "load_batch",
+           "load_teacher", "retrain_compressed", "train_dense"]

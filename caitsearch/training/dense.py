@@ -13,7 +13,7 @@ from ..data import Splits
 from ..models import model_name
 from ..tasks import CLASSIFICATION, Task
 from .distributed import init_distributed
-from .loop import STATE_FILE, fit, load_train_state, total_steps
+from .loop import Checkpoint, fit, run_fingerprint, total_steps
 from .outcome import check_classes, finish
 from .recipe import Recipe
 
@@ -32,8 +32,11 @@ def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path,
     model.to(ctx.device)
     name = model_name(getattr(model, "backbone", model))
     total = total_steps(recipe, len(splits.train), ctx.world)
-    if (out_dir / STATE_FILE).is_file():
-        load_train_state(out_dir / STATE_FILE)  # a state that cannot be resumed is refused before anything is said
+    what = {"kind": "dense", "model": name, "data": splits.name}
+    if task is not CLASSIFICATION:
+        what["task"] = task.name
+    # a state that cannot be resumed is refused before anything is said
+    checkpoint = Checkpoint.open(out_dir, run_fingerprint(what, recipe, len(splits.train), ctx.world))
     if ctx.main:
         log(f"dense training: {total} optimizer steps ({recipe.epochs} epoch(s) of {len(splits.train)} images "
             f"at batch {recipe.batch_size})")
@@ -45,8 +48,5 @@ def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path,
     def loss_fn(net, x, y):
         return task.dense_loss(net(x), y, recipe)
 
-    fingerprint = {"kind": "dense", "model": name, "data": splits.name}
-    if task is not CLASSIFICATION:
-        fingerprint["task"] = task.name
-    stats = fit(model, splits.train, recipe, out_dir, loss_fn, ctx, fingerprint=fingerprint, progress=progress)
+    stats = fit(model, splits.train, recipe, loss_fn, ctx, checkpoint, progress=progress)
     return finish(model, splits, out_dir, stats, ctx, recipe, {"epochs": recipe.epochs, "model": name}, task=task)

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -83,77 +84,105 @@ def load_train_state(path: Path) -> dict:
     return state
 
 
-def fit(
-    model: nn.Module,
-    train_set: Dataset,
-    recipe: Recipe,
-    out_dir: Path,
-    loss_fn: LossFn,
-    ctx: Dist,
-    fingerprint: dict,
-    on_step: Optional[Callable[[int, int], None]] = None,
-    extra_state: Optional[Callable[[], dict]] = None,
-    load_extra: Optional[Callable[[dict], None]] = None,
-    progress: bool = True,
-    stop_at: Optional[int] = None,
-) -> dict:
-    """Train `model` for `total_steps(recipe, ...)` steps with AdamW and a warmup-cosine schedule,
-    resuming from `out_dir/state.pt` if its `fingerprint` (what is trained, on what) matches.
-    `on_step(step, total)` runs before each step (mask updates); `extra_state`/`load_extra` add
-    caller state to the checkpoint. `stop_at` pauses the run at that step (saved; the next call
-    continues it on the same schedule). Returns {"steps" done, "total", "seconds" of training so
-    far, "step_seconds" (median of this call's steps), "resumed_from"}."""
-    out_dir = Path(out_dir)
-    per_rank = max(1, recipe.batch_size // ctx.world)
-    global_batch = per_rank * ctx.world
+@dataclass(frozen=True)
+class Hooks:
+    """Caller code inside the loop: `on_step(step, total)` before each step (CDCP mask updates), and
+    caller state (CDCP statistics) saved into the checkpoint by `save_extra` and restored by `load_extra`."""
+
+    on_step: Optional[Callable[[int, int], None]] = None
+    save_extra: Optional[Callable[[], dict]] = None
+    load_extra: Optional[Callable[[dict], None]] = None
+
+
+def run_fingerprint(what: dict, recipe: Recipe, train_size: int, world: int = 1) -> dict:
+    """What a saved state must match to be resumed: `what` is trained, on what, with which schedule."""
+    per_rank = max(1, recipe.batch_size // world)
+    fingerprint = {**what, "epochs": recipe.epochs, "batch_size": per_rank * world, "lr": recipe.lr,
+                   "seed": recipe.seed, "train_size": train_size}
+    if recipe.steps is not None:
+        fingerprint["steps"] = recipe.steps
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run's `state.pt`: read once when opened (refused in one sentence when it cannot be resumed
+    or holds a run with other settings), written atomically by rank 0."""
+
+    path: Path
+    fingerprint: str
+    state: Optional[dict] = None
+
+    @classmethod
+    def open(cls, out_dir: Path, fingerprint: dict) -> "Checkpoint":
+        path, key = Path(out_dir) / STATE_FILE, json.dumps(fingerprint, sort_keys=True)
+        if not path.is_file():
+            return cls(path, key)
+        state = load_train_state(path)
+        if state["fingerprint"] != key:
+            raise CaitsearchError(f"{path.parent} holds a run with different settings; pass a new --out or delete {path}.")
+        return cls(path, key, state)
+
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, hooks: Hooks) -> tuple[int, float]:
+        """Load the saved weights, optimiser and caller state; the (step, training seconds) to continue from."""
+        if self.state is None:
+            return 0, 0.0
+        try:
+            model.load_state_dict(self.state["model"])
+            opt.load_state_dict(self.state["optimizer"])
+            if hooks.load_extra:
+                hooks.load_extra(self.state.get("extra", {}))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CaitsearchError(f"{self.path} does not fit this run ({reason(e, 120)}); delete it to start over.") from e
+        return int(self.state["step"]), float(self.state["seconds"])
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, step: int, seconds: float, hooks: Hooks) -> None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": seconds,
+                 "fingerprint": self.fingerprint, "extra": hooks.save_extra() if hooks.save_extra else {}}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def adamw(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, tokens of one dimension)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1], "weight_decay": recipe.weight_decay},
+                              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=recipe.lr)
+
+
+def lr_at(step: int, recipe: Recipe, total: int) -> float:
+    """Linear warmup over `recipe.warmup` of the run, then cosine decay to zero."""
+    warmup = max(1, int(recipe.warmup * total))
+    if step < warmup:
+        return recipe.lr * (step + 1) / warmup
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def batch_rows(train_size: int, recipe: Recipe, step: int, ctx: Dist) -> torch.Tensor:
+    """This rank's dataset rows for global `step`: a seeded permutation per epoch, cut into global batches."""
+    per_epoch = steps_per_epoch(train_size, recipe.batch_size, ctx.world)
+    global_batch = max(1, recipe.batch_size // ctx.world) * ctx.world
+    epoch, i = divmod(step, per_epoch)
+    order = epoch_order(train_size, recipe.seed, epoch)
+    return order[i * global_batch:(i + 1) * global_batch][ctx.rank::ctx.world]
+
+
+def fit(model: nn.Module, train_set: Dataset, recipe: Recipe, loss_fn: LossFn, ctx: Dist, checkpoint: Checkpoint,
+        hooks: Hooks = Hooks(), progress: bool = True, stop_at: Optional[int] = None) -> dict:
+    """Train `model` for `total_steps(recipe, ...)` steps with `adamw` and `lr_at`, continuing from
+    `checkpoint` and saving to it every `recipe.save_every` steps, at each epoch end and at the last
+    step. `stop_at` pauses the run at that step (saved; the next call continues it on the same
+    schedule). Returns {"steps" done, "total", "seconds" of training so far, "step_seconds" (median
+    of this call's steps), "resumed_from"}."""
     per_epoch = steps_per_epoch(len(train_set), recipe.batch_size, ctx.world)
     total = total_steps(recipe, len(train_set), ctx.world)
     stop = total if stop_at is None else min(stop_at, total)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
-    warmup = max(1, int(recipe.warmup * total))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return recipe.lr * (step + 1) / warmup
-        return 0.5 * recipe.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    fingerprint = {**fingerprint, "epochs": recipe.epochs, "batch_size": global_batch, "lr": recipe.lr,
-                   "seed": recipe.seed, "train_size": len(train_set)}
-    if recipe.steps is not None:
-        fingerprint["steps"] = recipe.steps
-    step, seconds_before = 0, 0.0
-    state_path = out_dir / STATE_FILE
-    if state_path.is_file():
-        state = load_train_state(state_path)
-        if state.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
-            raise CaitsearchError(f"{out_dir} holds a run with different settings; pass a new --out or delete {state_path}.")
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if load_extra:
-                load_extra(state.get("extra", {}))
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise CaitsearchError(f"{state_path} does not fit this run ({reason(e, 120)}); delete it to start over.") from e
-        step, seconds_before = int(state["step"]), float(state["seconds"])
+    opt = adamw(model, recipe)
+    step, seconds_before = checkpoint.restore(model, opt, hooks)
     resumed_from = step
-
     net = model
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
-
-    def save() -> None:
-        if ctx.main:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "seconds": seconds_before + time.perf_counter() - start,
-                     "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                     "extra": extra_state() if extra_state else {}}
-            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        ctx.barrier()
-
     start = time.perf_counter()
     step_times: list[float] = []
     model.train()
@@ -161,16 +190,13 @@ def fit(
         task = bar.task("train", total=total, completed=step)
         while step < stop:
             began = time.perf_counter()
-            epoch, i = divmod(step, per_epoch)
-            task.update(description=f"epoch {epoch + 1}/{recipe.epochs}")
-            order = epoch_order(len(train_set), recipe.seed, epoch)
-            rows = order[i * global_batch:(i + 1) * global_batch][ctx.rank::ctx.world]
+            task.update(description=f"epoch {step // per_epoch + 1}/{recipe.epochs}")
             torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + ctx.rank)  # augmentation, dropout
-            x, y = load_batch(train_set, rows)
-            if on_step:
-                on_step(step, total)
+            x, y = load_batch(train_set, batch_rows(len(train_set), recipe, step, ctx))
+            if hooks.on_step:
+                hooks.on_step(step, total)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step, recipe, total)
             loss = loss_fn(net, x.to(ctx.device), y.to(ctx.device))
             if not torch.isfinite(loss):
                 raise CaitsearchError(f"training diverged at step {step} (loss {loss.item()}); lower --lr.")
@@ -181,7 +207,9 @@ def fit(
             task.update(advance=1, info=f"loss {loss.item():.3f}")
             step_times.append(time.perf_counter() - began)
             if step % recipe.save_every == 0 or step % per_epoch == 0 or step == stop:
-                save()
+                if ctx.main:
+                    checkpoint.save(model, opt, step, seconds_before + time.perf_counter() - start, hooks)
+                ctx.barrier()
     model.eval()
     return {"steps": step, "total": total, "seconds": seconds_before + time.perf_counter() - start,
             "step_seconds": statistics.median(step_times) if step_times else None, "resumed_from": resumed_from}

@@ -16,7 +16,7 @@ from ..compress import CaitViT, DynamicMasks
 from ..config import CompressionConfig
 from ..data import Splits
 from .distributed import init_distributed
-from .loop import CONFIG_FILE, STATE_FILE, evaluate, fit, load_batch, total_steps
+from .loop import CONFIG_FILE, STATE_FILE, Checkpoint, Hooks, evaluate, fit, load_batch, run_fingerprint, total_steps
 from .outcome import check_classes, finish
 from .recipe import Recipe
 from ..tasks import CLASSIFICATION, Task
@@ -73,11 +73,12 @@ class Retraining:
 
         masks.attach(True)
         try:
-            self.stats = fit(self.student, self.splits.train, recipe, self.out_dir,
-                             distillation_loss(recipe, self.teacher, self.task), ctx,
-                             fingerprint=self._fingerprint(),
-                             on_step=lambda step, total: masks.on_step(step, self.anneal_steps, recipe.mask_every, mean),
-                             extra_state=masks.state_dict, load_extra=resume, progress=progress, stop_at=until)
+            checkpoint = Checkpoint.open(self.out_dir, run_fingerprint(self._fingerprint(), recipe,
+                                                                        len(self.splits.train), ctx.world))
+            hooks = Hooks(on_step=lambda step, total: masks.on_step(step, self.anneal_steps, recipe.mask_every, mean),
+                          save_extra=masks.state_dict, load_extra=resume)
+            self.stats = fit(self.student, self.splits.train, recipe, distillation_loss(recipe, self.teacher, self.task),
+                             ctx, checkpoint, hooks, progress=progress, stop_at=until)
         finally:
             masks.attach(False)
         if self.stats["steps"] >= self.anneal_steps and not masks.frozen:
