@@ -96,12 +96,13 @@ def profile_section(folders: list[Path]) -> list[str]:
         v = json.loads(val_path.read_text())
         a = v["absolute"]
         ok = v["within_10pct"] >= 0.9 and v["within_5pct"] >= 0.7 and v["spearman"] >= 0.95
-        if manifest["model"].startswith("deit_small"):
-            ok = ok and minutes <= 15
+        verdict = check(ok)
+        if manifest["model"].startswith("deit_small") and minutes > 15:  # an earlier issue's build-time goal
+            verdict = f"**missed** (build {minutes:.0f} min > 15)" if ok else f"{verdict}, build {minutes:.0f} min > 15"
         out.append(f"| [{folder.name}](hw_profiles/{folder.name}/{val_path.stem}.png) | {manifest['rows']} | {minutes:.1f} | "
                    f"{v['mape_pct']:.1f}% | {v['within_5pct']:.0%} | {v['within_10pct']:.0%} | {v['spearman']:.3f} | "
                    f"{v['max_error_pct']:.1f}% | {a['within_5pct']:.0%} / {a['within_10pct']:.0%} / {a['spearman']:.3f} | "
-                   f"{v['drift_factor_range'][0]:.2f}-{v['drift_factor_range'][1]:.2f} | {check(ok)} |")
+                   f"{v['drift_factor_range'][0]:.2f}-{v['drift_factor_range'][1]:.2f} | {verdict} |")
     out += family_table(folders)
     cpu = {(lambda fp: fp.get("gpu") or fp.get("cpu", "?"))(json.loads((f / "manifest.json").read_text())["fingerprint"])
            for f in folders}
