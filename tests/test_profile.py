@@ -193,6 +193,24 @@ def test_whole_configs_are_timed_beside_dense_and_drift_is_divided_out(profile_d
     assert not np.allclose(LatencyProfile(prof.manifest, raw, prof.path).factors, prof.factors, rtol=1e-3)
 
 
+def test_attention_timings_are_smoothed_over_widths_per_token_count():
+    from caitsearch.profile.predictor import smooth_attention
+
+    rng = np.random.default_rng(0)
+    widths = [16, 24, 32, 40, 48, 56, 64]
+    rows = pd.DataFrame([{"tokens": n, "qk": q, "v": v} for n in (65, 257) for q in widths for v in widths]
+                        + [{"tokens": 17, "qk": q, "v": v} for q in (16, 64) for v in (16, 64)])  # 4 widths: too few
+    truth = 0.01 * rows.tokens * (1 + 0.02 * rows.qk + 0.03 * rows.v + 0.01 * np.maximum(rows.qk, rows.v))
+    rows["median_ms"] = truth * rng.uniform(0.95, 1.05, len(rows))  # +-5% noise per timing
+    before = rows.copy()
+    smoothed = smooth_attention(rows)
+    assert rows.equals(before)  # the table itself is left as measured
+    big = rows.tokens > 17
+    raw_err = (rows.median_ms[big] / truth[big] - 1).abs().mean()
+    assert (smoothed.median_ms[big] / truth[big] - 1).abs().mean() < raw_err / 2  # the fit averages the noise out
+    assert smoothed[~big].equals(rows[~big])  # a token count with too few widths keeps its timings
+
+
 def test_part_factors_are_recovered_and_stay_non_negative():
     from caitsearch.profile.predictor import fit_factors
 

@@ -1,0 +1,59 @@
+"""Re-score a profile's stored validation with predictor variants, without measuring anything.
+
+`caitsearch profile validate P --strategy all` stores every config it timed (drift-corrected
+milliseconds) in P/validation-all.json. This script predicts those same configs again with the
+current predictor and with its attention smoothing switched off, and prints the per-family
+metrics of both. The measurements were taken once, so this compares predictors on equal data;
+a variant chosen by looking at these numbers must then be validated on fresh configs
+(`profile validate --seed N`) before its figures are claimed.
+
+    .venv/bin/python bench/rescore_validation.py hw_profiles/<profile> [hw_profiles/<profile> ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from caitsearch.config import CompressionConfig
+from caitsearch.profile import LatencyProfile
+from caitsearch.profile import predictor
+from caitsearch.profile.validate import metrics
+
+
+def family_metrics(prof: LatencyProfile, details: list[dict]) -> dict:
+    families: dict[str, tuple[list, list]] = {}
+    for d in details:
+        predicted, measured = families.setdefault(d["family"], ([], []))
+        predicted.append(prof.predict(CompressionConfig.from_dict(d["config"])))
+        measured.append(d["drift_corrected_ms"])
+    return {name: metrics(p, m) for name, (p, m) in families.items()}
+
+
+def unsmoothed(path: Path) -> LatencyProfile:
+    """The profile with raw attention timings (the predictor before `smooth_attention`)."""
+    smooth = predictor.smooth_attention
+    predictor.smooth_attention = lambda rows, **_: rows
+    try:
+        return LatencyProfile.load(path)
+    finally:
+        predictor.smooth_attention = smooth
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("profiles", type=Path, nargs="+")
+    args = ap.parse_args()
+    print("| profile | seed | predictor | family | MAPE | within ±5% | within ±10% | signed mean | Spearman |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path in args.profiles:
+        stored = json.loads((path / "validation-all.json").read_text())
+        for name, prof in (("raw attention", unsmoothed(path)), ("smoothed attention", LatencyProfile.load(path))):
+            for family, r in family_metrics(prof, stored["configs_detail"]).items():
+                print(f"| {path.name} | {stored['seed']} | {name} | {family} | {r['mape_pct']:.1f}% | "
+                      f"{r['within_5pct']:.0%} | {r['within_10pct']:.0%} | {r['signed_mean_error_pct']:+.1f}% | "
+                      f"{r['spearman']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
