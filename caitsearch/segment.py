@@ -29,6 +29,7 @@ from .models import ModelSpec
 FOREGROUND_THRESHOLD = 25
 NUM_SEG_CLASSES = 11  # 0 = background, 1..10 = Fashion-MNIST class + 1
 BACKGROUND = 0
+IGNORE_INDEX = 255  # a mask pixel without a label (VOC and ADE20k's convention): out of the loss and of mIoU
 # data.py frames Fashion-MNIST's 28x28 images at 28/32 of the model frame (28 -> 32 for the default model)
 FASHION_MNIST_FILL = 28 / 32
 
@@ -203,8 +204,11 @@ def train_head(
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """`(num_classes, num_classes)` counts, rows = true class, columns = predicted class."""
-    index = target.reshape(-1) * num_classes + pred.reshape(-1)
+    """`(num_classes, num_classes)` counts, rows = true class, columns = predicted class; pixels
+    labelled `IGNORE_INDEX` are left out."""
+    target, pred = target.reshape(-1), pred.reshape(-1)
+    labelled = target != IGNORE_INDEX
+    index = target[labelled] * num_classes + pred[labelled]
     return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 

@@ -93,6 +93,47 @@ def test_training_augmentation_moves_image_and_mask_alike(tmp_path):
     assert splits.train.augment and not splits.val.augment and not splits.test.augment
 
 
+def test_unlabelled_pixels_255_are_out_of_the_classes_the_losses_and_miou(tmp_path):
+    from caitsearch.segment import IGNORE_INDEX, confusion_matrix
+    from caitsearch.tasks.segmentation import labelled_cross_entropy
+
+    root = write_mask_folder(tmp_path / "seg", classes=3, names=False)
+    for mask_path in (root / "train" / "masks").iterdir():  # an unlabelled band across every training mask
+        mask = np.array(Image.open(mask_path))
+        mask[:3] = IGNORE_INDEX
+        Image.fromarray(mask, mode="L").save(mask_path)
+    splits = load_mask_dataset(root, spec_of(), calib_size=1, proxy_size=1, val_size=1)
+    assert splits.num_classes == 3  # 255 is no class: the largest labelled index is 2
+    _, labels = splits.val[0]  # held out of training: no shift, the band resized to the frame
+    assert (labels[:4] == IGNORE_INDEX).all() and (labels[6:] != IGNORE_INDEX).all()
+    torch.manual_seed(0)
+    shifted = [splits.train[0][1] for _ in range(12)]
+    borders = torch.cat([y[:, 0] for y in shifted] + [y[:, -1] for y in shifted])
+    assert (borders == IGNORE_INDEX).any() and not (borders == 0).all()  # a shift's border is unlabelled, not background
+
+    logits, y = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randint(0, 3, (2, 4, 4))
+    y[:, 0] = IGNORE_INDEX
+    keep = y != IGNORE_INDEX
+    flat = logits.permute(0, 2, 3, 1)[keep]
+    assert labelled_cross_entropy(logits, y).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(flat, y[keep]).item(), rel=1e-6)
+    nothing = labelled_cross_entropy(logits, torch.full_like(y, IGNORE_INDEX))
+    assert nothing.item() == 0.0 and nothing.requires_grad  # a batch without labels trains nothing, never NaN
+    recipe = Recipe(temperature=2.0, distill_weight=0.7)
+    assert torch.isfinite(SEGMENTATION.distill_loss(logits, torch.randn(2, 3, 4, 4), torch.full_like(y, IGNORE_INDEX), recipe))
+    assert torch.equal(confusion_matrix(logits.argmax(1), y, 3), confusion_matrix(logits.argmax(1)[keep], y[keep], 3))
+    assert int(confusion_matrix(logits.argmax(1), y, 3).sum()) == int(keep.sum())
+
+    from caitsearch.report.plots import masks_figure
+
+    truth = torch.randint(0, 3, (2, 8, 8))
+    truth[:, 0] = IGNORE_INDEX
+    fig = masks_figure(torch.rand(2, 1, 8, 8), truth, torch.randint(0, 3, (2, 8, 8)), torch.randint(0, 3, (2, 8, 8)),
+                       ["dense", "cait"])
+    shown_truth = [ax.images[0] for ax in fig.axes[2:4]]
+    assert all(im.norm.vmax == 19 and int(im.get_array().mask.sum()) == 8 for im in shown_truth)  # blank, not class 255
+
+
 @pytest.mark.parametrize("breakage, fragment", [
     ("missing_mask", "has no mask"),
     ("extra_mask", "has no image"),

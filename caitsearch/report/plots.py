@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from ..config import CompressionConfig
 from ..io import atomic_write
 from ..models import ModelSpec
+from ..segment import IGNORE_INDEX
 from .load import Run, pareto_mask
 
 DPI = 110
@@ -224,7 +226,9 @@ def masks_figure(images, truth, dense, compressed, titles: Sequence[str]) -> Fig
     n = len(images)
     fig = Figure(figsize=(1.6 * n + 1.2, 7.2))
     axes = fig.subplots(4, n, squeeze=False)
-    top = int(max(truth.max(), dense.max(), compressed.max()))
+    truth = np.ma.masked_equal(np.asarray(truth), IGNORE_INDEX)  # unlabelled pixels stay blank
+    dense, compressed = np.asarray(dense), np.asarray(compressed)
+    top = int(max(truth.max() if truth.count() else 0, dense.max(), compressed.max()))
     rows = [("image", images), ("true mask", truth), (titles[0], dense), (titles[1], compressed)]
     for r, (label, data) in enumerate(rows):
         for i in range(n):
@@ -234,7 +238,7 @@ def masks_figure(images, truth, dense, compressed, titles: Sequence[str]) -> Fig
                 picture = (picture - picture.min()) / (picture.max() - picture.min() + 1e-8)
                 ax.imshow(picture.squeeze(-1).numpy() if picture.shape[-1] == 1 else picture.numpy(), cmap="gray")
             else:
-                ax.imshow(data[i].numpy(), cmap="tab20", vmin=0, vmax=max(top, 19), interpolation="nearest")
+                ax.imshow(data[i], cmap="tab20", vmin=0, vmax=max(top, 19), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -12,7 +12,8 @@ Two sources:
   Images may be any format PIL reads (`data.IMAGE_SUFFIXES`); every image has exactly one mask
   with the same stem and `.png`, of the same size, single-channel (mode L, P or I), each pixel a
   class index below the number of classes (classes.txt's line count, else the largest index
-  found plus one). Everything is checked before any training (`check_mask_folder`), and the
+  found plus one), or 255 for a pixel without a label (left out of the loss and of mIoU; the
+  border a training shift brings in is unlabelled too). Everything is checked before any training (`check_mask_folder`), and the
   first problem is refused in one sentence.
 
 Splits are the classification ones (`data.make_splits`): calib, proxy and val are held out of
@@ -36,7 +37,7 @@ from ..data import (
 )
 from ..errors import CaitsearchError
 from ..models import ModelSpec
-from ..segment import BACKGROUND, FASHION_MNIST_FILL, label_framer, pixel_labels
+from ..segment import BACKGROUND, FASHION_MNIST_FILL, IGNORE_INDEX, label_framer, pixel_labels
 
 CLASSES_FILE = "classes.txt"
 MASK_MODES = ("L", "P", "I", "I;16")  # single-channel PIL modes whose values are class indices
@@ -45,12 +46,14 @@ MASK_MODES = ("L", "P", "I", "I;16")  # single-channel PIL modes whose values ar
 class MaskDataset(Dataset):
     """`(image (in_chans, H, W) float, labels (H, W) int64)` pairs: `read_image(j)` gives a uint8
     `(C, h, w)` image that `frame` fits to the model, `read_labels(j)` its label map already in
-    the model frame; `augment` shifts and flips both alike."""
+    the model frame; `augment` shifts and flips both alike, the label border `label_fill`."""
 
     def __init__(self, read_image: Callable[[int], torch.Tensor], read_labels: Callable[[int], torch.Tensor],
-                 indices: torch.Tensor, frame: Callable[[torch.Tensor], torch.Tensor], augment: bool = False) -> None:
+                 indices: torch.Tensor, frame: Callable[[torch.Tensor], torch.Tensor], augment: bool = False,
+                 label_fill: int = BACKGROUND) -> None:
         self.read_image, self.read_labels, self.indices, self.frame, self.augment = (
             read_image, read_labels, indices, frame, augment)
+        self.label_fill = label_fill
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -59,12 +62,12 @@ class MaskDataset(Dataset):
         j = int(self.indices[i])
         image, labels = self.frame(self.read_image(j)), self.read_labels(j)
         if self.augment:
-            image, labels = random_shift_flip_pair(image, labels, fill=BACKGROUND)
+            image, labels = random_shift_flip_pair(image, labels, fill=self.label_fill)
         return image, labels
 
     def subset(self, indices: torch.Tensor, augment: Optional[bool] = None) -> "MaskDataset":
         return MaskDataset(self.read_image, self.read_labels, self.indices[indices], self.frame,
-                           self.augment if augment is None else augment)
+                           self.augment if augment is None else augment, self.label_fill)
 
 
 def fashion_mnist_masks(spec: ModelSpec) -> tuple[MaskDataset, MaskDataset, list[str]]:
@@ -153,10 +156,11 @@ def check_mask_folder(root: Path) -> MaskFolder:
             if mask.shape != (height, width):
                 raise CaitsearchError(f"mask {masks[stem]} is {mask.shape[1]}x{mask.shape[0]} but its image "
                                       f"{images[stem]} is {width}x{height}.")
-            top = int(mask.max()) if mask.size else 0
+            labelled = mask[mask != IGNORE_INDEX]
+            top = int(labelled.max()) if labelled.size else 0
             if names is not None and top >= len(names):
                 raise CaitsearchError(f"mask {masks[stem]} holds class index {top}, out of range for the "
-                                      f"{len(names)} classes in {root / CLASSES_FILE} (0..{len(names) - 1}).")
+                                      f"{len(names)} classes in {root / CLASSES_FILE} (0..{len(names) - 1}, or 255 for no label).")
             largest = max(largest, top)
         files[split] = ([images[s] for s in stems], [masks[s] for s in stems])
     classes = tuple(names) if names is not None else tuple(f"class {i}" for i in range(max(2, largest + 1)))
@@ -179,7 +183,8 @@ def folder_masks(folder: MaskFolder, spec: ModelSpec) -> tuple[MaskDataset, Mask
                 labels = F.interpolate(labels[None, None].float(), size=spec.img_size, mode="nearest")[0, 0].long()
             return labels
 
-        out.append(MaskDataset(_pil_reader(images, chans), read_labels, torch.arange(len(images)), frame))
+        out.append(MaskDataset(_pil_reader(images, chans), read_labels, torch.arange(len(images)), frame,
+                               label_fill=IGNORE_INDEX))  # a shift's border is no class of the user's
     return out[0], out[1], list(folder.classes)
 
 

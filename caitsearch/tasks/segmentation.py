@@ -28,7 +28,7 @@ from ..config import CompressionConfig
 from ..data import Splits
 from ..errors import CaitsearchError
 from ..models import WEIGHTS_DIR, create_model
-from ..segment import SegmentationHead, SegmentationModel, confusion_matrix, miou_from_confusion
+from ..segment import IGNORE_INDEX, SegmentationHead, SegmentationModel, confusion_matrix, miou_from_confusion
 from .masks import load_mask_dataset
 
 BACKBONE_PREFIX, HEAD_PREFIX = "backbone.vit.", "head."
@@ -119,17 +119,18 @@ class Segmentation:
     # ------------------------------------------------------------ losses and metric
 
     def dense_loss(self, logits: torch.Tensor, y: torch.Tensor, recipe) -> torch.Tensor:
-        """Cross-entropy per pixel: logits `(B, K, H, W)`, labels `(B, H, W)`."""
-        return F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+        """Cross-entropy per labelled pixel: logits `(B, K, H, W)`, labels `(B, H, W)`."""
+        return labelled_cross_entropy(logits, y, recipe.label_smoothing)
 
     def distill_loss(self, logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, recipe) -> torch.Tensor:
         """Per pixel: `distill_weight` x KL(teacher || student) over the class dim at `temperature`
-        (mean over pixels, scaled by T^2) plus the rest x cross-entropy."""
+        (mean over every pixel, scaled by T^2: the teacher speaks for unlabelled ones too) plus the
+        rest x cross-entropy over the labelled pixels."""
         T, K = recipe.temperature, logits.shape[1]
         s, t = (z.permute(0, 2, 3, 1).reshape(-1, K) for z in (logits, target))
         kd = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                       reduction="batchmean") * T * T
-        return recipe.distill_weight * kd + (1 - recipe.distill_weight) * F.cross_entropy(s, y.reshape(-1))
+        return recipe.distill_weight * kd + (1 - recipe.distill_weight) * labelled_cross_entropy(s, y.reshape(-1))
 
     def init_stats(self, model: nn.Module) -> torch.Tensor:
         return torch.zeros(model.num_classes ** 2, dtype=torch.float64)
@@ -142,6 +143,14 @@ class Segmentation:
         k = int(round(stats.numel() ** 0.5))
         value = miou_from_confusion(stats.view(k, k))
         return 0.0 if value != value else value  # no labelled pixel at all: nothing was segmented right
+
+
+def labelled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the pixels whose label is not `IGNORE_INDEX` (zero, with a gradient
+    path, for a batch without any: torch's mean over no pixels would be NaN)."""
+    if not bool((y != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
 
 
 def _load(model: nn.Module, state: dict, name: str) -> None:
