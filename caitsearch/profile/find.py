@@ -30,7 +30,8 @@ def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optio
     if path != default:
         if allow_foreign and not (path / MANIFEST).is_file():
             return _loaded(default, spec, allow_foreign)  # the other machine's profile, as asked, over profiling this one
-        log(f"{default} was measured on another machine; using this machine's own profile {path.name}")
+        if (default / MANIFEST).is_file():  # else the tagged folder is simply where this machine's profile lives
+            log(f"{default} was measured on another machine; using this machine's own profile {path.name}")
     if (path / MANIFEST).is_file():  # ours: the same build resumes it or tops up rows a newer plan added
         manifest = read_manifest(path)
         threads, quick = manifest.get("threads"), bool(manifest.get("quick"))
