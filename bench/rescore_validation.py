@@ -2,8 +2,10 @@
 
 `caitsearch profile validate P --strategy all` stores every config it timed (drift-corrected
 milliseconds) in P/validation-all.json. This script predicts those same configs again with the
-current predictor, with its attention smoothing switched off, and with separate factors for
-full-token and merged-token parts (`SplitTokens`), and prints the per-family metrics of each. The measurements were taken once, so this compares predictors on equal data;
+shipped predictor, with its attention smoothing switched off, and with one factor per part kind
+instead of separate full-token and merged-token factors (`OneFactorPerKind`, the predictor before
+the split), and prints the per-family metrics of each. The measurements were taken once, so this
+compares predictors on equal data;
 a variant chosen by looking at these numbers must then be validated on fresh configs
 (`profile validate --seed N`) before its figures are claimed.
 
@@ -32,22 +34,13 @@ def family_metrics(prof: LatencyProfile, details: list[dict]) -> dict:
     return {name: metrics(p, m) for name, (p, m) in families.items()}
 
 
-class SplitTokens(LatencyProfile):
-    """A candidate predictor: attention and MLP parts at the full token count get their own factors,
-    apart from those at merged token counts (7 parts: stem, attention full/merged, MLP
-    full/merged, merge, head), so pure pruning (all full-token) and merging are not fitted by one
-    factor each. Not the shipped predictor: a variant to compare on the stored measurements."""
+class OneFactorPerKind(LatencyProfile):
+    """The predictor before full-token and merged-token parts were split: one factor each for the
+    stem, attention, MLP, merge and head (5 parts instead of `predictor.PARTS`' 7)."""
 
     def part_sums(self, config: CompressionConfig) -> np.ndarray:
-        shapes, full = config.shapes(self.spec), self.spec.num_tokens
-        parts = np.zeros(7)
-        parts[0], parts[6] = self._stem, self._head(shapes[-1].tokens_out)
-        for b, sh in zip(config.blocks, shapes):
-            parts[1 if sh.tokens_in >= full else 2] += self._attention(sh.tokens_in, b.keep_qk, b.keep_v)
-            parts[3 if sh.tokens_out >= full else 4] += self._mlp(sh.tokens_out, b.keep_mlp)
-            if b.merge_count:
-                parts[5] += self._merge_ms(b.merge_axis, sh.tokens_in)
-        return parts
+        stem, attn_full, attn_merged, mlp_full, mlp_merged, merge, head = super().part_sums(config)
+        return np.array([stem, attn_full + attn_merged, mlp_full + mlp_merged, merge, head])
 
 
 def unsmoothed(path: Path) -> LatencyProfile:
@@ -68,8 +61,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in args.profiles:
         stored = json.loads((path / "validation-all.json").read_text())
-        variants = (("raw attention", unsmoothed(path)), ("smoothed attention", LatencyProfile.load(path)),
-                    ("smoothed, full/merged-token factors", SplitTokens.load(path)))
+        variants = (("raw attention", unsmoothed(path)), ("one factor per kind", OneFactorPerKind.load(path)),
+                    ("shipped (full/merged-token factors)", LatencyProfile.load(path)))
         for name, prof in variants:
             for family, r in family_metrics(prof, stored["configs_detail"]).items():
                 print(f"| {path.name} | {stored['seed']} | {name} | {family} | {r['mape_pct']:.1f}% | "
