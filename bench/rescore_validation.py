@@ -21,7 +21,6 @@ import numpy as np
 
 from caitsearch.config import CompressionConfig
 from caitsearch.profile import LatencyProfile
-from caitsearch.profile import predictor
 from caitsearch.profile.validate import metrics
 
 
@@ -43,14 +42,10 @@ class OneFactorPerKind(LatencyProfile):
         return np.array([stem, attn_full + attn_merged, mlp_full + mlp_merged, merge, head])
 
 
-def unsmoothed(path: Path) -> LatencyProfile:
-    """The profile with raw attention timings (the predictor before `smooth_attention`)."""
-    smooth = predictor.smooth_attention
-    predictor.smooth_attention = lambda rows, **_: rows
-    try:
-        return LatencyProfile.load(path)
-    finally:
-        predictor.smooth_attention = smooth
+class RawAttention(LatencyProfile):
+    """The predictor before `smooth_attention`: every attention timing as measured."""
+
+    smooth_min_widths = float("inf")
 
 
 def main() -> None:
@@ -61,7 +56,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in args.profiles:
         stored = json.loads((path / "validation-all.json").read_text())
-        variants = (("raw attention", unsmoothed(path)), ("one factor per kind", OneFactorPerKind.load(path)),
+        variants = (("raw attention", RawAttention.load(path)), ("one factor per kind", OneFactorPerKind.load(path)),
                     ("shipped (full/merged-token factors)", LatencyProfile.load(path)))
         for name, prof in variants:
             for family, r in family_metrics(prof, stored["configs_detail"]).items():

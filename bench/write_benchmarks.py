@@ -129,17 +129,24 @@ def family_table(folders: list[Path]) -> list[str]:
             continue
         v = json.loads(path.read_text())
         cpu = json.loads((folder / "manifest.json").read_text())["fingerprint"].get("cpu", "?")
+        retest = v.get("retest", {})
         for name, r in v.get("families", {}).items():
-            rows.append([f"[{folder.name}](hw_profiles/{folder.name}/validation-all.png)", cpu, name, str(r["configs"]),
+            floor = f"{retest[name]['within_5pct']:.0%} / {retest[name]['spearman']:.3f}" if name in retest else "-"
+            rows.append([f"[{folder.name}](hw_profiles/{folder.name}/validation-all.png)", cpu, f"{v['seed']}",
+                         f"{v.get('passes', 1)}", name, str(r["configs"]),
                          f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
-                         f"{r['signed_mean_error_pct']:+.1f}%", f"{r['spearman']:.3f}", check(family_goals(r))])
+                         f"{r['signed_mean_error_pct']:+.1f}%", f"{r['spearman']:.3f}", floor, check(family_goals(r))])
     if not rows:
         return []
     return (["", "Per family (`caitsearch profile validate PROFILE --strategy all --configs 40`: 40 random configs of each "
              "strategy's space; goals: at least 90% within ±10%, at least 70% within ±5%, |signed mean error| at most 3%, "
-             "Spearman at least 0.95). A profile without a row here was not validated per family.", ""]
-            + md_table(["profile", "CPU", "family", "configs", "MAPE", "within ±5%", "within ±10%", "signed mean",
-                        "Spearman", "goals"], rows))
+             "Spearman at least 0.95). Each config is measured in `passes` separately shuffled groups and judged by the "
+             "geometric mean; the retest column scores the first pass as a prediction of the second (within ±5% / "
+             "Spearman): how repeatable one pass's timings are on this machine (the judged value averages the passes, so a "
+             "good predictor can score above it). A profile without a row here was "
+             "not validated per family.", ""]
+            + md_table(["profile", "CPU", "seed", "passes", "family", "configs", "MAPE", "within ±5%", "within ±10%",
+                        "signed mean", "Spearman", "retest ±5% / Spearman", "goals"], rows))
 
 
 def search_section(summary: dict, folder: str, command: list[str], epochs: int) -> list[str]:

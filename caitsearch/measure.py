@@ -62,11 +62,16 @@ def steady_allocator(threshold: int = 1 << 30) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold))
 
 
+def default_threads(threads: int | None = None) -> int:
+    """`threads`, or every core this process may run on (what `set_threads` uses when not told)."""
+    return threads or len(os.sched_getaffinity(0))
+
+
 def set_threads(threads: int | None) -> int:
     """Fix the intra-op thread count (all cores by default) and return it."""
     import torch
 
-    n = threads or len(os.sched_getaffinity(0))
+    n = default_threads(threads)
     torch.set_num_threads(n)
     return n
 

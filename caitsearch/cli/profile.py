@@ -75,13 +75,19 @@ def validate(
     strategy: Annotated[Optional[str], typer.Option(
         "--strategy", help="Draw the configs from this strategy's space (cait, atme, cdcp, tome), or --configs from each "
                            "of the four with 'all', reported per family; writes validation-<strategy>.*")] = None,
+    passes: Annotated[int, typer.Option(
+        "--passes", min=1, help="Times each config is measured, in separately shuffled groups; with 2 or more the "
+                                "first pass is also scored against the second (the machine's own noise).")] = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure random configs end to end and score the profile's latency predictions.
 
     Reports MAPE, the share of configs within ±5% and ±10% of the measured latency, the signed
     mean error (positive: the search overcharges such configs) and the Spearman rank correlation,
-    per family with --strategy all, and writes a predicted-vs-measured scatter plot.
+    per family with --strategy all, and writes a predicted-vs-measured scatter plot. Each config
+    is measured --passes times; the "retest" line scores one pass against the other, which is the
+    best any predictor can score on this machine (configs of one family whose latencies lie within
+    a few percent of each other rank no better than the timings themselves).
 
     Example:
 
@@ -94,7 +100,7 @@ def validate(
     from ..profile import validate_profile
 
     result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,
-                              out=out_dir, progress=not as_json, strategy=strategy)
+                              out=out_dir, progress=not as_json, strategy=strategy, passes=passes)
     if as_json:
         emit_json(result)
         return
@@ -107,6 +113,10 @@ def validate(
                 ((r["configs"], label, f"{r['mape_pct']:.1f}%", f"{r['within_5pct']:.0%}", f"{r['within_10pct']:.0%}",
                   f"{r['signed_mean_error_pct']:+.1f}%", f"{r['spearman']:.3f}", f"{r['max_error_pct']:.1f}%")
                  for label, r in rows))
+    if "retest" in result:
+        say("retest (first pass predicting the second, the noise floor), Spearman: "
+            + ", ".join(f"{name} {r['spearman']:.3f}" for name, r in result["retest"].items())
+            + "; within ±5%: " + ", ".join(f"{name} {r['within_5pct']:.0%}" for name, r in result["retest"].items()))
     lo, hi = result["drift_factor_range"]
     say(f"machine drift during validation (profile's dense / dense measured beside each group): {lo:.3f}-{hi:.3f}")
     say(f"scatter plot: {result['plot']}")

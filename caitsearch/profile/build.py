@@ -33,6 +33,7 @@ from .backends import BACKENDS, check_backend, make_backend
 from .fingerprint import differences, fingerprint
 from .plan import (
     FULL, QUICK, AttentionPart, Entry, HeadPart, MergePart, MlpPart, StemPart, dense_entry, merged_grid, one_block_model, plan,
+    whole_config_repeats,
 )
 
 PROFILE_ROOT = Path("hw_profiles")
@@ -152,8 +153,10 @@ def _modules(entry: Entry, model: nn.Module, spec: ModelSpec, space: SearchSpace
     raise ValueError(entry.kind)
 
 
-def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, res) -> list[dict]:
-    """Time one group of entries in a single interleaved loop; one row per entry."""
+def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, res, whole: bool = False) -> list[dict]:
+    """Time one group of entries in a single interleaved loop; one row per entry. `whole` (whole
+    configs, which the fit and validation compare): repeat for the group's full time
+    (`plan.whole_config_repeats`) instead of stopping at the spread target."""
     cache: dict = {}
     fns = {}
     for e in entries:
@@ -167,10 +170,13 @@ def measure_group(entries: Sequence[Entry], model, spec, space, be, batch: int, 
     if be.device.type == "cuda":
         torch.cuda.synchronize()
     round_s = max(time.perf_counter() - start, 1e-6)
-    extra = min(res.max_repeats, int(res.group_seconds / round_s))
-    timings, tele = be.measure(fns, repeats=res.repeats, warmup=max(1, res.warmup - 1),
-                               warmup_seconds=res.warmup_seconds, max_repeats=max(res.repeats, extra),
-                               target_spread=res.target_spread)
+    if whole:
+        repeats, max_repeats, target = whole_config_repeats(res, round_s), None, None
+    else:
+        repeats, max_repeats = res.repeats, max(res.repeats, min(res.max_repeats, int(res.group_seconds / round_s)))
+        target = res.target_spread
+    timings, tele = be.measure(fns, repeats=repeats, warmup=max(1, res.warmup - 1),
+                               warmup_seconds=res.warmup_seconds, max_repeats=max_repeats, target_spread=target)
     base = {"sm_clock_mhz": None, "temp_c": None, "power_w": None, "throttled": False, "throttle": "", "attempts": 1}
     rows = [{**e.row(), **timings[e.key].summary(), **base, **tele} for e in entries]
     del fns, cache
@@ -185,7 +191,7 @@ def measure_against_dense(entries: Sequence[Entry], dense: Entry, model, spec, s
     machine drifts by 5-12% over minutes (seen within one DeiT-Tiny build), so whole-config timings
     are compared through their ratio to dense, never across loops in raw milliseconds."""
     others = [e for e in entries if e.key != dense.key]
-    rows = measure_group(others + [dense], model, spec, space, be, batch, res)
+    rows = measure_group(others + [dense], model, spec, space, be, batch, res, whole=True)
     by_key, ref = {r["key"]: r for r in rows}, rows[-1]["median_ms"]
     return [{**by_key[e.key], "ref_ms": ref} for e in entries]
 

@@ -2,12 +2,12 @@
 model, built (or resumed, or topped up) on first use."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 from ..console import log
 from ..errors import CaitsearchError
+from ..measure import default_threads
 from ..models import ModelSpec
 from .build import MANIFEST, build_profile, default_profile_path, own_folder, read_manifest
 from .fingerprint import fingerprint
@@ -24,7 +24,7 @@ def find_profile(spec: ModelSpec, profile: Optional[Path] = None, threads: Optio
         if not Path(profile).exists():
             raise CaitsearchError(f"profile {profile} does not exist; build one with `caitsearch profile`.")
         return _loaded(Path(profile), spec, allow_foreign)
-    here = fingerprint("torch-cpu", threads or len(os.sched_getaffinity(0)))
+    here = fingerprint("torch-cpu", default_threads(threads))
     default = default_profile_path(spec.name, spec.img_size, "torch-cpu", 32, "fp32")
     path = own_folder(default, here)
     if path != default:

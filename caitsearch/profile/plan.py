@@ -79,6 +79,17 @@ class Resolution:
     target_spread: float
     group_seconds: float  # repeats beyond `repeats` stop once a group has run about this long
     e2e_group: int = 4
+    e2e_max_repeats: int = 100  # whole-config groups repeat until `group_seconds`, up to this many rounds
+
+
+def whole_config_repeats(res: "Resolution", round_s: float) -> int:
+    """Rounds for a group of whole configs whose one round takes `round_s`: as many as fit in
+    `res.group_seconds` (at least `res.repeats`, at most `res.e2e_max_repeats`), never stopped early
+    by the spread target. The default model's whole configs take ~30 ms, so stopping at a 5% spread
+    left medians of 5 samples: one pass repeated only 55-90% of a family's configs within ±5% (validation
+    of the default model, seed 4), and pure-pruning configs, whose latencies lie within a few
+    percent of each other, could not be ranked."""
+    return max(res.repeats, min(res.e2e_max_repeats, int(res.group_seconds / max(round_s, 1e-6))))
 
 
 FULL = Resolution(token_points=48, width_points=None, mlp_points=None, e2e_per_family=10, repeats=5, max_repeats=15,

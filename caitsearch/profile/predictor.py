@@ -71,7 +71,7 @@ def fit_factors(parts: np.ndarray, measured: np.ndarray, prior: float = PRIOR) -
 SMOOTH_MIN_WIDTHS = 8  # token counts with fewer measured (qk, v) pairs (quick profiles) keep their raw timings
 
 
-def smooth_attention(rows: pd.DataFrame, min_widths: int = SMOOTH_MIN_WIDTHS) -> pd.DataFrame:
+def smooth_attention(rows: pd.DataFrame, min_widths: float = SMOOTH_MIN_WIDTHS) -> pd.DataFrame:
     """Attention rows with each token count's timings replaced by their least-squares fit
     `a + b*qk + c*v + d*max(qk, v)`: the qk and v projections scale with their own widths, fused
     attention with the larger one. One width's timing carried up to 7% noise in a DeiT-Tiny
@@ -127,6 +127,8 @@ class Grid:
 class LatencyProfile:
     """A measured latency table of one model on one device, backend, batch size and dtype."""
 
+    smooth_min_widths: float = SMOOTH_MIN_WIDTHS  # see `smooth_attention`; infinity keeps the raw timings
+
     def __init__(self, manifest: dict, table: pd.DataFrame, path: Path) -> None:
         self.manifest, self.table, self.path = manifest, table, path
         s = dict(manifest["spec"])
@@ -135,7 +137,7 @@ class LatencyProfile:
         self.spec = ModelSpec(**s)
         full = self.spec.num_tokens
         t = table
-        attn = smooth_attention(t[t.kind == "attn"])
+        attn = smooth_attention(t[t.kind == "attn"], self.smooth_min_widths)
         self._attn_full = Grid(attn[attn.tokens == full], ["qk", "v"], "full-grid attention")
         merged = attn[attn.tokens < full]
         self._attn_merged = Grid(merged, ["tokens", "qk", "v"], "merged attention") if len(merged) else None

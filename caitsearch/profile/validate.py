@@ -69,6 +69,30 @@ def scatter_plot(path: Path, predicted, measured, title: str, groups: Optional[S
 STRATEGY_SETS = {"all": ("cait", "atme", "cdcp", "tome")}
 
 
+def measure_passes(entries, passes: int, seed: int, reference_ms: float, model, spec, space, be, batch: int, res,
+                   progress: bool) -> list[list[dict]]:
+    """Per entry, its rows of `passes` passes, each with `drift_factor` (the profile's dense / dense
+    timed beside it). Each pass times every entry once, in groups of `res.e2e_group` in its own
+    shuffled order: families drawn one after another would otherwise each be timed in one stretch
+    of the machine's drift (0.77-1.03 seen over one validation on a shared 2-core CPU), and a
+    config would always share a loop with the same neighbours."""
+    timed: list[list[dict]] = [[] for _ in entries]
+    with Progress(progress) as bar:
+        task = bar.task("validate", total=len(entries) * passes)
+        for p in range(passes):
+            order = list(range(len(entries)))
+            random.Random(f"{seed}-pass-{p}").shuffle(order)
+            for i in range(0, len(order), res.e2e_group):
+                group = order[i:i + res.e2e_group]
+                rows = measure_against_dense([entries[j] for j in group], dense_entry(spec), model, spec, space, be,
+                                             batch, res)
+                factor = reference_ms / rows[0]["ref_ms"]
+                for j, r in zip(group, rows):
+                    timed[j].append({**r, "dense_ms": r["ref_ms"], "drift_factor": factor})
+                task.advance(len(group))
+    return timed
+
+
 def validate_profile(
     path: Union[str, Path],
     configs: int = 50,
@@ -77,15 +101,22 @@ def validate_profile(
     out: Optional[Union[str, Path]] = None,
     progress: bool = True,
     strategy: Optional[str] = None,
+    passes: int = 2,
 ) -> dict:
     """Measure random configs end to end and score the profile's predictions; writes
     `validation[-<strategy>].json` and `.png` into `out` (default: the profile directory).
 
     Without `strategy` the configs come from the profile's own space; with one (cait, atme, cdcp,
     tome) from that strategy's space; with "all", `configs` from each of the four, reported per
-    family as well as together, since a bias against one family silently steers the search."""
+    family as well as together, since a bias against one family silently steers the search.
+
+    Every config is timed in `passes` separate groups and judged by the geometric mean of its
+    drift-corrected timings; with two or more, `retest` scores the first pass against the second
+    per family: what the machine's own noise leaves for any predictor."""
     if configs < 2:
         raise CaitsearchError("validation needs at least 2 configs.")
+    if passes < 1:
+        raise CaitsearchError("--passes must be at least 1.")
     if strategy is not None and strategy not in STRATEGY_SETS and strategy not in STRATEGIES:
         raise CaitsearchError(f"--strategy must be one of {', '.join([*STRATEGIES, *STRATEGY_SETS])}, not '{strategy}'.")
     if seed == 0:
@@ -113,32 +144,31 @@ def validate_profile(
     # drifts by several percent over minutes), scaled to the profile's own dense latency
     reference_ms = prof.measured_e2e(CompressionConfig.dense(prof.spec))
 
-    rows, drift = [], []
-    with Progress(progress) as bar:
-        task = bar.task("validate", total=len(entries))
-        for i in range(0, len(entries), res.e2e_group):
-            group = entries[i:i + res.e2e_group]
-            measured = measure_against_dense(group, dense_entry(prof.spec), model, prof.spec, space, be,
-                                             m["batch_size"], res)
-            factor = reference_ms / measured[0]["ref_ms"]
-            rows += [{**r, "dense_ms": r["ref_ms"], "drift_factor": factor} for r in measured]
-            drift.append(factor)
-            task.advance(len(group))
+    timed = measure_passes(entries, passes, seed, reference_ms, model, prof.spec, space, be, m["batch_size"], res,
+                           progress)
     families = [name for name, _ in drawn]
-    measured = [r["median_ms"] for r in rows]
-    corrected = [r["median_ms"] * r["drift_factor"] for r in rows]
+    measured = [float(np.mean([r["median_ms"] for r in by_pass])) for by_pass in timed]
+    corrected = [float(np.exp(np.mean([np.log(r["median_ms"] * r["drift_factor"]) for r in by_pass]))) for by_pass in timed]
+    drift = [r["drift_factor"] for by_pass in timed for r in by_pass]
     predicted = [prof.predict(c) for _, c in drawn]
     result = {**metrics(predicted, corrected), "absolute": metrics(predicted, measured),
               "dense_reference_ms": reference_ms, "drift_factor_range": [min(drift), max(drift)],
               "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
-              "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed, "factors": prof.summary()["factors"]}
-    if len(set(families)) > 1:
-        result["families"] = {name: metrics([p for p, f in zip(predicted, families) if f == name],
-                                            [c for c, f in zip(corrected, families) if f == name])
-                              for name in dict.fromkeys(families)}
-    per_config = [{"family": f, "predicted_ms": p, "measured_ms": r["median_ms"], "dense_ms": r["dense_ms"],
-                   "drift_corrected_ms": c_ms, "p90_ms": r["p90_ms"], "spread": r["spread"], "config": c.to_dict()}
-                  for f, p, r, c_ms, (_, c) in zip(families, predicted, rows, corrected, drawn)]
+              "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed, "passes": passes,
+              "factors": prof.summary()["factors"]}
+    by_family = {name: [i for i, f in enumerate(families) if f == name] for name in dict.fromkeys(families)}
+    if len(by_family) > 1:
+        result["families"] = {name: metrics([predicted[i] for i in idx], [corrected[i] for i in idx])
+                              for name, idx in by_family.items()}
+    if passes > 1:  # the measurement against itself: how well a perfect predictor could score here
+        first, second = ([by_pass[k]["median_ms"] * by_pass[k]["drift_factor"] for by_pass in timed] for k in (0, 1))
+        result["retest"] = {name: metrics([second[i] for i in idx], [first[i] for i in idx])
+                            for name, idx in {"all": list(range(len(drawn))), **by_family}.items()}
+    per_config = [{"family": f, "predicted_ms": p, "measured_ms": raw, "drift_corrected_ms": c_ms,
+                   "passes": [{"measured_ms": q["median_ms"], "dense_ms": q["dense_ms"], "p90_ms": q["p90_ms"],
+                               "spread": q["spread"], "drift_corrected_ms": q["median_ms"] * q["drift_factor"]}
+                              for q in by_pass], "config": c.to_dict()}
+                  for f, p, raw, c_ms, by_pass, (_, c) in zip(families, predicted, measured, corrected, timed, drawn)]
     name = "validation" if strategy is None else f"validation-{strategy}"
     result["strategy"] = strategy
     result["plot"] = str(target / f"{name}.png")
