@@ -85,9 +85,9 @@ def validate(
     Reports MAPE, the share of configs within ±5% and ±10% of the measured latency, the signed
     mean error (positive: the search overcharges such configs) and the Spearman rank correlation,
     per family with --strategy all, and writes a predicted-vs-measured scatter plot. Each config
-    is measured --passes times; the "retest" line scores one pass against the other, which is the
-    best any predictor can score on this machine (configs of one family whose latencies lie within
-    a few percent of each other rank no better than the timings themselves).
+    is measured --passes times and judged by their geometric mean; the "retest" line scores one
+    pass against the other: how repeatable the timings are here (configs of one family whose
+    latencies lie within a few percent of each other cannot be ranked much better than that).
 
     Example:
 
