@@ -121,6 +121,7 @@ def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     assert metrics["resumed_from_step"] == saved and metrics["steps"] == 40
+    assert f"resuming from step {saved} of 40" in done.stderr  # the user sees the run continue, not restart
     assert torch.load(state, weights_only=True)["step"] == 40
     assert (out / "model.safetensors").is_file()
 

@@ -123,6 +123,15 @@ class Checkpoint:
             raise CaitsearchError(f"{path.parent} holds a run with different settings; pass a new --out or delete {path}.")
         return cls(path, key, state)
 
+    @property
+    def step(self) -> int:
+        """The saved step to continue from (0 for a fresh run)."""
+        return int(self.state["step"]) if self.state is not None else 0
+
+    def resuming(self, total: int) -> Optional[str]:
+        """The line that tells a user their run continues rather than restarts (None when fresh)."""
+        return f"resuming from step {self.step} of {total} ({self.path})" if self.step else None
+
     def restore(self, model: nn.Module, opt: torch.optim.Optimizer, hooks: Hooks) -> tuple[int, float]:
         """Load the saved weights, optimiser and caller state; the (step, training seconds) to continue from."""
         if self.state is None:
