@@ -72,7 +72,7 @@ STRATEGY_SETS = {"all": ("cait", "atme", "cdcp", "tome")}
 def measure_passes(entries, passes: int, seed: int, reference_ms: float, model, spec, space, be, batch: int, res,
                    progress: bool) -> list[list[dict]]:
     """Per entry, its rows of `passes` passes, each with `drift_factor` (the profile's dense / dense
-    timed beside it). Each pass times every entry once, in groups of `res.e2e_group` in its own
+    timed beside it) and `drift_corrected_ms` (its timing times that factor). Each pass times every entry once, in groups of `res.e2e_group` in its own
     shuffled order: families drawn one after another would otherwise each be timed in one stretch
     of the machine's drift (0.77-1.03 seen over one validation on a shared 2-core CPU), and a
     config would always share a loop with the same neighbours."""
@@ -88,7 +88,8 @@ def measure_passes(entries, passes: int, seed: int, reference_ms: float, model, 
                                              batch, res)
                 factor = reference_ms / rows[0]["ref_ms"]
                 for j, r in zip(group, rows):
-                    timed[j].append({**r, "dense_ms": r["ref_ms"], "drift_factor": factor})
+                    timed[j].append({**r, "dense_ms": r["ref_ms"], "drift_factor": factor,
+                                     "drift_corrected_ms": r["median_ms"] * factor})
                 task.advance(len(group))
     return timed
 
@@ -112,7 +113,7 @@ def validate_profile(
 
     Every config is timed in `passes` separate groups and judged by the geometric mean of its
     drift-corrected timings; with two or more, `retest` scores the first pass against the second
-    per family: what the machine's own noise leaves for any predictor."""
+    per family: how repeatable one pass's timings are on this machine."""
     if configs < 2:
         raise CaitsearchError("validation needs at least 2 configs.")
     if passes < 1:
@@ -148,7 +149,7 @@ def validate_profile(
                            progress)
     families = [name for name, _ in drawn]
     measured = [float(np.mean([r["median_ms"] for r in by_pass])) for by_pass in timed]
-    corrected = [float(np.exp(np.mean([np.log(r["median_ms"] * r["drift_factor"]) for r in by_pass]))) for by_pass in timed]
+    corrected = [float(np.exp(np.mean([np.log(r["drift_corrected_ms"]) for r in by_pass]))) for by_pass in timed]
     drift = [r["drift_factor"] for by_pass in timed for r in by_pass]
     predicted = [prof.predict(c) for _, c in drawn]
     result = {**metrics(predicted, corrected), "absolute": metrics(predicted, measured),
@@ -160,13 +161,13 @@ def validate_profile(
     if len(by_family) > 1:
         result["families"] = {name: metrics([predicted[i] for i in idx], [corrected[i] for i in idx])
                               for name, idx in by_family.items()}
-    if passes > 1:  # the measurement against itself: how well a perfect predictor could score here
-        first, second = ([by_pass[k]["median_ms"] * by_pass[k]["drift_factor"] for by_pass in timed] for k in (0, 1))
+    if passes > 1:  # the measurement against itself: how repeatable one pass's timings are here
+        first, second = ([by_pass[k]["drift_corrected_ms"] for by_pass in timed] for k in (0, 1))
         result["retest"] = {name: metrics([second[i] for i in idx], [first[i] for i in idx])
                             for name, idx in {"all": list(range(len(drawn))), **by_family}.items()}
     per_config = [{"family": f, "predicted_ms": p, "measured_ms": raw, "drift_corrected_ms": c_ms,
                    "passes": [{"measured_ms": q["median_ms"], "dense_ms": q["dense_ms"], "p90_ms": q["p90_ms"],
-                               "spread": q["spread"], "drift_corrected_ms": q["median_ms"] * q["drift_factor"]}
+                               "spread": q["spread"], "drift_corrected_ms": q["drift_corrected_ms"]}
                               for q in by_pass], "config": c.to_dict()}
                   for f, p, raw, c_ms, by_pass, (_, c) in zip(families, predicted, measured, corrected, timed, drawn)]
     name = "validation" if strategy is None else f"validation-{strategy}"

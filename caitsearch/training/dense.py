@@ -40,8 +40,7 @@ def train_dense(model: nn.Module, splits: Splits, recipe: Recipe, out_dir: Path,
     if ctx.main:
         log(f"dense training: {total} optimizer steps ({recipe.epochs} epoch(s) of {len(splits.train)} images "
             f"at batch {recipe.batch_size})")
-        if checkpoint.resuming(total):
-            log(checkpoint.resuming(total))
+        checkpoint.announce(total)
         if total < FEW_STEPS:
             log(f"warning: {total} optimizer steps are few for a ViT; expect a weak model: raise --epochs "
                 f"(about {math.ceil(FEW_STEPS / max(1, total // recipe.epochs))} for this data) or start from "

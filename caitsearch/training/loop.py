@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..console import Progress
+from ..console import Progress, log
 from ..errors import CaitsearchError, reason
 from ..io import atomic_write
 from ..models import read_weights_only
@@ -128,9 +128,10 @@ class Checkpoint:
         """The saved step to continue from (0 for a fresh run)."""
         return int(self.state["step"]) if self.state is not None else 0
 
-    def resuming(self, total: int) -> Optional[str]:
-        """The line that tells a user their run continues rather than restarts (None when fresh)."""
-        return f"resuming from step {self.step} of {total} ({self.path})" if self.step else None
+    def announce(self, total: int) -> None:
+        """Tell the user their run continues rather than restarts (nothing for a fresh run)."""
+        if self.step:
+            log(f"resuming from step {self.step} of {total} ({self.path})")
 
     def restore(self, model: nn.Module, opt: torch.optim.Optimizer, hooks: Hooks) -> tuple[int, float]:
         """Load the saved weights, optimiser and caller state; the (step, training seconds) to continue from."""
@@ -143,7 +144,7 @@ class Checkpoint:
                 hooks.load_extra(self.state.get("extra", {}))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CaitsearchError(f"{self.path} does not fit this run ({reason(e, 120)}); delete it to start over.") from e
-        return int(self.state["step"]), float(self.state["seconds"])
+        return self.step, float(self.state["seconds"])
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, step: int, seconds: float, hooks: Hooks) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": seconds,

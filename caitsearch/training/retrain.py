@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 
 from ..compress import CaitViT, DynamicMasks
 from ..config import CompressionConfig
-from ..console import log
 from ..data import Splits
 from .distributed import init_distributed
 from .loop import CONFIG_FILE, STATE_FILE, Checkpoint, Hooks, evaluate, fit, load_batch, run_fingerprint, total_steps
@@ -76,8 +75,8 @@ class Retraining:
         try:
             checkpoint = Checkpoint.open(self.out_dir, run_fingerprint(self._fingerprint(), recipe,
                                                                         len(self.splits.train), ctx.world))
-            if until is None and ctx.main and checkpoint.resuming(self.total):  # rungs continue silently
-                log(checkpoint.resuming(self.total))
+            if until is None and ctx.main:  # rungs continue silently
+                checkpoint.announce(self.total)
             hooks = Hooks(on_step=lambda step, total: masks.on_step(step, self.anneal_steps, recipe.mask_every, mean),
                           save_extra=masks.state_dict, load_extra=resume)
             self.stats = fit(self.student, self.splits.train, recipe, distillation_loss(recipe, self.teacher, self.task),
