@@ -11,7 +11,7 @@ profile's end-to-end measurements by least squares on relative errors. Those mea
 spread over every family (pure pruning, pure merging, joint, ToMe; `plan.FIT_FAMILIES`): with one
 correction fitted mostly on merge-heavy configs, pruning was charged 14-18% too much. Attention
 and MLP parts at the full token count get factors apart from those at merged counts: with one
-factor each, a DeiT-Tiny profile over-predicted pure pruning (all full-token) by 2.5-4.5% while
+factor each, a DeiT-Tiny profile over-predicted pure pruning (all full-token) by 2.5-4.3% while
 it under-predicted merging by 2.5-3%. A sum of positive parts with positive factors stays
 positive and monotone outside the fitted range.
 """
