@@ -5,7 +5,8 @@ milliseconds) in P/validation-all.json. This script predicts those same configs 
 shipped predictor, with its attention smoothing switched off, and with one factor per part kind
 instead of separate full-token and merged-token factors (`OneFactorPerKind`, the predictor before
 the split), and prints the per-family metrics of each. The measurements were taken once, so this
-compares predictors on equal data;
+compares predictors on equal data (and, below the table, how the shipped predictor's error varies
+with each config's speed);
 a variant chosen by looking at these numbers must then be validated on fresh configs
 (`profile validate --seed N`) before its figures are claimed.
 
@@ -48,6 +49,30 @@ class RawAttention(LatencyProfile):
     smooth_min_widths = float("inf")
 
 
+def error_by_speed(prof: LatencyProfile, details: list[dict]) -> list[str]:
+    """The shipped predictor's error against each config's speed (measured latency / the profile's
+    dense): per family its Pearson correlation and range, and the fit's own whole configs without a
+    merge (the pure-pruning rows the factors were fitted on), one line each."""
+    dense = prof.measured_e2e(CompressionConfig.dense(prof.spec))
+    lines, families = [], {}
+    for d in details:
+        err, rel = families.setdefault(d["family"], ([], []))
+        err.append(prof.predict(CompressionConfig.from_dict(d["config"])) / d["drift_corrected_ms"] - 1)
+        rel.append(d["drift_corrected_ms"] / dense)
+    for family, (err, rel) in families.items():
+        lines.append(f"{family}: error vs speed r = {np.corrcoef(err, rel)[0, 1]:+.2f}; configs {min(rel):.2f}x-"
+                     f"{max(rel):.2f}x of dense; error {min(err):+.1%} to {max(err):+.1%}, mean {np.mean(err):+.1%}")
+    e2e = prof.table[prof.table.kind == "e2e"]
+    fit = []
+    for text, ms in zip(e2e["config"], prof.e2e_ms()):
+        cfg = CompressionConfig.from_dict(json.loads(text))
+        if not any(b.merge_count for b in cfg.blocks):
+            fit.append((ms / dense, prof.predict(cfg) / ms - 1))
+    lines.append(f"fit's whole configs without a merge ({len(fit)}): mean error {np.mean([e for _, e in fit]):+.1%}; "
+                 + ", ".join(f"{r:.2f}x {e:+.1%}" for r, e in sorted(fit)))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profiles", type=Path, nargs="+")
@@ -63,6 +88,11 @@ def main() -> None:
                 print(f"| {path.name} | {stored['seed']} | {name} | {family} | {r['mape_pct']:.1f}% | "
                       f"{r['within_5pct']:.0%} | {r['within_10pct']:.0%} | {r['signed_mean_error_pct']:+.1f}% | "
                       f"{r['spearman']:.3f} |")
+    for path in args.profiles:
+        stored = json.loads((path / "validation-all.json").read_text())
+        print(f"\n{path.name}, seed {stored['seed']}, shipped predictor:")
+        for line in error_by_speed(LatencyProfile.load(path), stored["configs_detail"]):
+            print(f"- {line}")
 
 
 if __name__ == "__main__":
