@@ -61,7 +61,7 @@ def error_by_speed(prof: LatencyProfile, details: list[dict]) -> list[str]:
         rel.append(d["drift_corrected_ms"] / dense)
     for family, (err, rel) in families.items():
         lines.append(f"{family}: error vs speed r = {np.corrcoef(err, rel)[0, 1]:+.2f}; configs {min(rel):.2f}x-"
-                     f"{max(rel):.2f}x of dense; error {min(err):+.1%} to {max(err):+.1%}, mean {np.mean(err):+.1%}")
+                     f"{max(rel):.2f}x of dense (relative std {np.std(rel) / np.mean(rel):.1%}); error {min(err):+.1%} to {max(err):+.1%}, mean {np.mean(err):+.1%}")
     e2e = prof.table[prof.table.kind == "e2e"]
     fit = []
     for text, ms in zip(e2e["config"], prof.e2e_ms()):
