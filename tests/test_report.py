@@ -195,3 +195,18 @@ def test_deploy_follows_validation_not_test(search_run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["recommended"]["trial"] == first["trial"]
     assert f"Deploy trial {first['trial']}" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_chosen_on_validation_without_a_candidates_validation_score_is_refused(search_run, tmp_path):
+    """The deploy choice ranks by val_accuracy when the summary says it chose on it; a candidate
+    without one (an edited or truncated summary) is refused in one sentence, not a KeyError."""
+    from caitsearch.errors import CaitsearchError
+
+    run = _copy(search_run, tmp_path / "edited")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selection"] == "val_accuracy"
+    del summary["candidates"][0]["val_accuracy"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(CaitsearchError, match=r"'candidates\[0\]\.val_accuracy' must be a number"):
+        load_run(run)

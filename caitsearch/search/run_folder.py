@@ -327,6 +327,8 @@ def check_summary(summary: dict, path: Path) -> dict:
         _check_fields(c, {"timing": MAPPING, "path": TEXT}, path, f"candidates[{i}].", optional=True)
         _check_fields(c, {"proxy_agreement": NUMBER, "val_accuracy": NUMBER}, path, f"candidates[{i}].", optional=True,
                       nullable=True)
+        if summary.get("selection") == "val_accuracy":  # the choice was made on it, so the report ranks by it
+            _check_fields(c, {"val_accuracy": NUMBER}, path, f"candidates[{i}].")
         _check_fields(c, {"family": TEXT, "retrained": FLAG}, path, f"candidates[{i}].", optional=True)
         try:
             CompressionConfig.from_dict(c["config"])
