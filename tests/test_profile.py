@@ -237,6 +237,34 @@ def test_whole_config_groups_fill_their_time_instead_of_stopping_at_the_spread_t
     assert whole_config_repeats(QUICK, 0.1) == 10
 
 
+def test_a_second_pass_over_the_whole_configs_opens_the_build():
+    """FULL times the fit's whole configs twice: the first pass closes the build as before (same
+    keys, so shipped profiles stay complete), a second opens it, in its own order and beside its own
+    dense, so the fit does not rest on one stretch of the machine's state."""
+    from dataclasses import replace
+
+    from caitsearch.models import ModelSpec
+    from caitsearch.profile.plan import FULL, dense_entry, plan
+    from caitsearch.space import SearchSpace
+
+    space = SearchSpace(ModelSpec.from_model(create_model(DEFAULT_MODEL)))
+    one = plan(space, replace(FULL, e2e_passes=1))
+    two = plan(space, FULL)
+    assert FULL.e2e_passes == 2
+    whole = lambda groups: [e for g in groups for e in g if e.kind == "e2e"]  # noqa: E731
+    first, both = whole(one), whole(two)
+    assert len(both) == 2 * len(first) and len({e.key for e in both}) == len(both)
+    assert {e.key for e in first} <= {e.key for e in both}  # the first pass's keys are unchanged
+    second = [e for e in both if e.take == 1]
+    assert sorted(e.config for e in second) == sorted(e.config for e in first)
+    assert [e.config for e in second] != [e.config for e in first]  # its own order
+    n = -(-len(second) // FULL.e2e_group)
+    assert all(e.take == 1 for g in two[:n] for e in g)  # it opens the build
+    assert all(e.take == 0 for g in two[-n:] for e in g if e.kind == "e2e") and two[-1][0].kind == "e2e"
+    assert two[0][0].key == dense_entry(space.spec, 1).key
+    assert all(e.kind != "e2e" for g in two[n:-n] for e in g)
+
+
 def test_attention_timings_are_smoothed_over_widths_per_token_count():
     from caitsearch.profile.predictor import smooth_attention
 

@@ -273,14 +273,14 @@ def build_profile(
 
     clock = time.perf_counter()
     spent = float(old.get("build_seconds", 0.0))
-    dense = dense_entry(spec)
     # modules are built outside inference mode: exporters (TensorRT via ONNX) refuse inference tensors
     with Progress(progress) as bar:
         task = bar.task(f"profile {spec.name}", total=sum(len(g) for g in groups) + len(done), completed=len(done))
         for group in groups:
             task.update(info=group[0].kind)
-            if group[0].kind == "e2e":  # every e2e group carries dense, so the fit can divide drift out
-                rows = measure_against_dense(group, dense, model, spec, space, be, batch_size, res)
+            if group[0].kind == "e2e":  # every e2e group carries its pass's dense, so the fit can divide drift out
+                rows = measure_against_dense(group, dense_entry(spec, group[0].take), model, spec, space, be,
+                                             batch_size, res)
             else:
                 rows = measure_group(group, model, spec, space, be, batch_size, res)
             table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
