@@ -94,6 +94,41 @@ def measure_passes(entries, passes: int, seed: int, reference_ms: float, model, 
     return timed
 
 
+def draw_configs(prof: LatencyProfile, strategy: Optional[str], configs: int,
+                 seed: int) -> tuple[SearchSpace, list[tuple[str, CompressionConfig]]]:
+    """The profile's own space (what the timed entries are built in) and `configs` random configs
+    of each family `strategy` names, as (family, config) pairs."""
+    m = prof.manifest
+    grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
+    rng = random.Random(seed)
+    drawn: list[tuple[str, CompressionConfig]] = []
+    try:
+        space = SearchSpace(prof.spec, **m["space"])
+        for name in STRATEGY_SETS.get(strategy, (strategy,)):
+            drawn_from = space if name is None else SearchSpace.for_strategy(prof.spec, name, **grid)
+            drawn += [(name or drawn_from.strategy, drawn_from.random_config(rng)) for _ in range(configs)]
+    except (TypeError, ValueError) as e:
+        raise CaitsearchError(f"profile {prof.path} has unusable space settings ({reason(e, 120)}); build it again.") from e
+    return space, drawn
+
+
+def score(families: Sequence[str], predicted: Sequence[float], corrected: Sequence[float],
+          timed: Sequence[Sequence[dict]]) -> dict:
+    """The metrics of the predictions against the drift-corrected timings: over all configs, per
+    family (when there are several), and, with two passes or more, `retest`: the first pass
+    scored as a prediction of the second, per family."""
+    result = metrics(predicted, corrected)
+    by_family = {name: [i for i, f in enumerate(families) if f == name] for name in dict.fromkeys(families)}
+    if len(by_family) > 1:
+        result["families"] = {name: metrics([predicted[i] for i in idx], [corrected[i] for i in idx])
+                              for name, idx in by_family.items()}
+    if min(len(by_pass) for by_pass in timed) > 1:  # the measurement against itself: how repeatable one pass is
+        first, second = ([by_pass[k]["drift_corrected_ms"] for by_pass in timed] for k in (0, 1))
+        result["retest"] = {name: metrics([second[i] for i in idx], [first[i] for i in idx])
+                            for name, idx in {"all": list(range(len(families))), **by_family}.items()}
+    return result
+
+
 def validate_profile(
     path: Union[str, Path],
     configs: int = 50,
@@ -128,16 +163,7 @@ def validate_profile(
     check_output_dir(target)  # before the measurements, which would otherwise be lost
     model = create_model(m["model"], img_size=m["img_size"], num_classes=m["num_classes"])
     prof.check_model(model)
-    grid = {k: v for k, v in m["space"].items() if k not in ("merge", "prune")}
-    rng = random.Random(seed)
-    drawn: list[tuple[str, CompressionConfig]] = []
-    try:
-        space = SearchSpace(prof.spec, **m["space"])  # the profile's own: what measure_group builds entries in
-        for name in STRATEGY_SETS.get(strategy, (strategy,)):
-            drawn_from = space if name is None else SearchSpace.for_strategy(prof.spec, name, **grid)
-            drawn += [(name or drawn_from.strategy, drawn_from.random_config(rng)) for _ in range(configs)]
-    except (TypeError, ValueError) as e:
-        raise CaitsearchError(f"profile {prof.path} has unusable space settings ({reason(e, 120)}); build it again.") from e
+    space, drawn = draw_configs(prof, strategy, configs, seed)
     res = QUICK if m.get("quick") else FULL
     be = make_backend(m["backend"], m["dtype"], m.get("threads"), m.get("cuda_graphs", False))
     entries = [e2e_entry(c) for _, c in drawn]
@@ -152,19 +178,11 @@ def validate_profile(
     corrected = [float(np.exp(np.mean([np.log(r["drift_corrected_ms"]) for r in by_pass]))) for by_pass in timed]
     drift = [r["drift_factor"] for by_pass in timed for r in by_pass]
     predicted = [prof.predict(c) for _, c in drawn]
-    result = {**metrics(predicted, corrected), "absolute": metrics(predicted, measured),
+    result = {**score(families, predicted, corrected, timed), "absolute": metrics(predicted, measured),
               "dense_reference_ms": reference_ms, "drift_factor_range": [min(drift), max(drift)],
               "profile": str(prof.path), "model": m["model"], "backend": m["backend"],
               "batch_size": m["batch_size"], "dtype": m["dtype"], "seed": seed, "passes": passes,
               "factors": prof.summary()["factors"]}
-    by_family = {name: [i for i, f in enumerate(families) if f == name] for name in dict.fromkeys(families)}
-    if len(by_family) > 1:
-        result["families"] = {name: metrics([predicted[i] for i in idx], [corrected[i] for i in idx])
-                              for name, idx in by_family.items()}
-    if passes > 1:  # the measurement against itself: how repeatable one pass's timings are here
-        first, second = ([by_pass[k]["drift_corrected_ms"] for by_pass in timed] for k in (0, 1))
-        result["retest"] = {name: metrics([second[i] for i in idx], [first[i] for i in idx])
-                            for name, idx in {"all": list(range(len(drawn))), **by_family}.items()}
     per_config = [{"family": f, "predicted_ms": p, "measured_ms": raw, "drift_corrected_ms": c_ms,
                    "passes": [{"measured_ms": q["median_ms"], "dense_ms": q["dense_ms"], "p90_ms": q["p90_ms"],
                                "spread": q["spread"], "drift_corrected_ms": q["drift_corrected_ms"]}
