@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from caitsearch.config import CompressionConfig, MergeAxis
-from caitsearch.profile.fingerprint import cpu_model
 from caitsearch.models import create_model
 from caitsearch.profile import LatencyProfile
 from caitsearch.profile.backends import make_backend
+from caitsearch.profile.fingerprint import cpu_model
 from caitsearch.profile.plan import FULL, QUICK, e2e_entry
 from caitsearch.profile.validate import measure_passes
 from caitsearch.space import SearchSpace

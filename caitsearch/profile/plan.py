@@ -218,8 +218,8 @@ def plan(space: SearchSpace, res: Resolution, seed: int = 0) -> list[list[Entry]
     for take in range(1, res.e2e_passes):
         # Another pass over the same configs, in its own order, before the parts. A shared 2-core
         # CPU shifted the latency of pure-pruning configs relative to dense by 3-4% between the
-        # build of the default model and its validation half an hour later (bench/retime_stored.py):
-        # whole configs timed in one stretch at the end fitted that stretch's machine.
+        # build of the default model and its validation (bench/retime_stored.py): whole configs
+        # timed in one stretch at the end fitted that stretch's machine.
         shuffled = list(configs)
         rng.shuffle(shuffled)
         order = [dense_entry(space.spec, take)] + [e2e_entry(c, take) for c in shuffled]
