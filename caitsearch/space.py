@@ -9,8 +9,10 @@ This module is the only place that names Optuna parameters. Per block: `b{i}_mer
 categorical choice that includes "none" (`"cols:2"` removes two grid columns; a count beyond what
 the block's grid allows is clamped to it), and `b{i}_qk`, `b{i}_v`, `b{i}_mlp`, categorical keep
 widths. The joint `cait` space first picks a family, `mix` in {prune, merge, joint}, and asks
-only for what that family changes: pure pruning, pure merging and their mixes are then equally
-easy to sample (with independent per-block choices, a pure-pruning draw took (1/3)^depth luck).
+only for what that family changes (with independent per-block choices, a pure-pruning draw took
+(1/3)^depth luck). A search does not let its sampler choose the family: the untrained proxy
+prefers merges, so a sampler that learns from it abandons pure pruning, the family that retrains
+best. Each family gets its share of the trials instead (`family_shares`, `next_family`).
 
 A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
 by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only
@@ -120,6 +122,21 @@ class SearchSpace:
     def families(self) -> tuple[str, ...]:
         """The joint space's families (sampled first, as `mix`); a single strategy has none."""
         return tuple(FAMILIES) if self.merge and self.prune and len(self.axes) > 1 else ()
+
+    def family_shares(self) -> dict[str, float]:
+        """Each family's share of a joint search's trials: in proportion to the parameters it asks
+        for per block (merge 1, prune 3, joint 4), as a single strategy's trial count is."""
+        asks = {"prune": 3, "merge": 1, "joint": 4}
+        total = sum(asks[f] for f in self.families)
+        return {f: asks[f] / total for f in self.families}
+
+    def next_family(self, counts: Mapping[str, int]) -> str:
+        """The family furthest below its share, given how many trials each already has (ties go
+        to the first in `FAMILIES` order): trial after trial, the shares are kept."""
+        if not self.families:
+            raise CaitsearchError(f"the {self.strategy} space has no families to balance.")
+        shares = self.family_shares()
+        return min(self.families, key=lambda f: counts.get(f, 0) / shares[f])
 
     def merge_choices(self) -> list[str]:
         """Every block's merge options: none, or an axis and a count up to half the full grid's lines."""

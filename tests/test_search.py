@@ -273,6 +273,34 @@ def test_pure_pruning_is_reachable_and_warm_started_in_the_joint_space(tmp_path,
     assert firsts == warm and study.trials[0].params["mix"] == "prune"
 
 
+def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefers(tmp_path, quick_profile):
+    """A sampler that learns from the proxy (which prefers merges) must not starve pure pruning:
+    after the warm starts every trial's family is fixed to the one furthest below its share."""
+    from collections import Counter
+
+    from caitsearch.profile import LatencyProfile
+    from caitsearch.search import balance_families
+
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    space = SearchSpace.for_strategy(spec, "cait")
+    shares = space.family_shares()
+    assert shares == {"prune": 3 / 8, "merge": 1 / 8, "joint": 4 / 8}
+    assert [space.next_family(c) for c in ({}, {"prune": 1}, {"prune": 1, "merge": 1})] == ["prune", "merge", "joint"]
+    prof = LatencyProfile.load(quick_profile)
+    torch.manual_seed(0)
+    proxy = AccuracyProxy(create_model(DEFAULT_MODEL), torch.randn(16, 1, 32, 32), torch.randn(16, 1, 32, 32))
+    study, _ = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", make_sampler("tpe", 0, 40), {"x": 1})
+    study.enqueue_trial(space.params_of(CompressionConfig.uniform(spec, merge_every=1)))  # a warm start waits
+    assert balance_families(study, space) is None  # ... and runs first
+    run_trials(study, make_objective(space, proxy, prof.predict, 0.6 * prof.dense_ms, 40), 40, space=space)
+    mixes = Counter(t.params["mix"] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert sum(mixes.values()) == 40
+    for family, share in shares.items():  # within one trial of its share (the warm start is one merge trial)
+        assert abs(mixes[family] - share * 40) <= 1, mixes
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+    assert balance_families(optuna.create_study(), SearchSpace.for_strategy(spec, "cdcp")) is None
+
+
 @pytest.mark.slow
 def test_a_short_run_says_it_cut_the_final_retraining_and_warns_of_a_weak_teacher(tmp_path, quick_profile):
     from caitsearch.io import save_weights
@@ -351,3 +379,8 @@ def test_finalists_keep_the_best_pure_pruning_and_merge_heavy_candidate_whatever
     assert [c.trial for c in rank.pick_finalists(items, spec, 8, config_of=lambda c: c.config)] == list(range(6))
     assert rank.pick_finalists(items, spec, 0, config_of=lambda c: c.config) == []
     assert [c.trial for c in rank.pick_finalists(items[:4], spec, 2, config_of=lambda c: c.config)] == [0, 1]
+    # rounds over the kinds: a proxy that puts every mixed config first still leaves room for the others
+    more = [SimpleNamespace(trial=i, config=c) for i, c in enumerate([*joint, prune, prune.with_blocks(
+        b.__class__(b.keep_qk, b.keep_v, b.keep_mlp // 2) for b in prune.blocks), merge])]
+    assert [rank.finalist_kind(c.config, spec) for c in more] == ["mixed"] * 4 + ["prune"] * 2 + ["merge-heavy"]
+    assert [c.trial for c in rank.pick_finalists(more, spec, 5, config_of=lambda c: c.config)] == [0, 1, 4, 5, 6]

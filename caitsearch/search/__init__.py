@@ -6,13 +6,13 @@ from .request import Budget, BudgetRequest, DataRequest, MeasureRequest, RankReq
 from .run_folder import RunFolder, trial_rows
 from .schedule import strategy_config
 from .study import (
-    SAMPLERS, count, driver_url, enqueue_warm_starts, exclusive, fail_orphans, feasible_trials,
+    SAMPLERS, balance_families, count, driver_url, enqueue_warm_starts, exclusive, fail_orphans, feasible_trials,
     make_objective, make_sampler, open_study, run_trials, worker_seed,
 )
 
 __all__ = [
     "AccuracyProxy", "Budget", "BudgetRequest", "DataRequest", "MeasureRequest", "ProxyScore", "RankRequest", "RunFolder",
-    "SAMPLERS", "SearchRequest", "StudyRequest", "count", "driver_url", "enqueue_warm_starts",
+    "SAMPLERS", "SearchRequest", "balance_families", "StudyRequest", "count", "driver_url", "enqueue_warm_starts",
     "exclusive", "fail_orphans", "feasible_trials", "make_objective", "make_sampler", "open_study", "run_search",
     "run_trials", "stack_images", "strategy_config", "trial_rows", "worker_seed",
 ]

@@ -268,7 +268,8 @@ def run_study(p: Prepared) -> Studied:
         with Progress(req.progress) as bar:
             task = bar.task("trials", total=trials, completed=min(trials, st.count(study)))
             st.run_trials(study, st.make_objective(p.space, p.proxy, p.profile.predict, p.budget.ms, trials), trials,
-                          on_trial=lambda done: task.update(completed=min(done, trials)), deadline=deadline)
+                          on_trial=lambda done: task.update(completed=min(done, trials)), deadline=deadline,
+                          space=p.space)
     p.run.write_trials(trial_rows(study))
     feasible = st.feasible_trials(study)
     if not feasible:

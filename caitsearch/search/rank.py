@@ -1,8 +1,8 @@
 """Multi-fidelity ranking of the finalists, between the proxy screen and the full retraining.
 
-The untrained proxy (KL to dense) is a screen, not a ranking: it favours merges, which lose more
-before retraining and recover more after it. So the finalists (the proxy's best, always with the
-best pure-pruning and the best merge-heavy candidate among them) each get a short distillation
+The untrained proxy (KL to dense) is a screen, not a ranking: it favours merges, which lose less
+before retraining and gain less from it. So the finalists (taken in rounds over pure pruning,
+merge-heavy and mixed candidates, each kind's proxy-best first) each get a short distillation
 fine-tune with the search's own recipe, are scored on the validation split, and successive
 halving keeps the better half at every rung: rung r trains the survivors to `steps[r]` steps in
 all, so a candidate that survives every rung has had the longest tune.
@@ -26,7 +26,6 @@ from optuna.trial import TrialState
 
 from ..config import CompressionConfig
 from ..models import ModelSpec
-from ..space import SearchSpace
 
 RANK_SUFFIX = ":rank"
 
@@ -45,24 +44,32 @@ def trial_config(trial) -> CompressionConfig:
     return CompressionConfig.from_dict(trial.user_attrs["config"])
 
 
+def finalist_kind(config: CompressionConfig, spec: ModelSpec) -> str:
+    """"prune" (no merge), "merge-heavy" (at least half the MAC saving from merging) or "mixed"."""
+    share = merge_share(config, spec)
+    return "prune" if share == 0 else "merge-heavy" if share >= 0.5 else "mixed"
+
+
 def pick_finalists(items: Sequence, spec: ModelSpec, count: int,
                    config_of: Callable[[Any], CompressionConfig] = trial_config) -> list:
-    """The `count` items best by proxy, always including the best pure-pruning one and the best
-    merge-heavy one (most of its saving from merging) where there are such, so a proxy that
-    misranks merging against pruning cannot decide alone. `items` (study trials, or re-measured
-    candidates with `config_of`) come best first; the result keeps that order."""
+    """`count` items taken in rounds over the kinds (`finalist_kind`), each kind's best by proxy
+    first: the proxy ranks well within a kind but favours merging across kinds, so it may not
+    decide alone which kind gets the short fine-tunes. The best pure-pruning and the best
+    merge-heavy item are therefore always among them where there are such. `items` (study
+    trials, or re-measured candidates with `config_of`) come best first; the result keeps that order."""
     if count <= 0:
         return []
-    configs = [config_of(item) for item in items]
-    space = SearchSpace(spec)
-    must: list[int] = []
-    for wanted in (lambda c: space.family_of(c) == "prune",
-                   lambda c: merge_share(c, spec) >= 0.5):
-        best = next((i for i, c in enumerate(configs) if wanted(c)), None)
-        if best is not None and best not in must:
-            must.append(best)
-    rest = [i for i in range(len(items)) if i not in must][: max(0, count - len(must))]
-    return [items[i] for i in sorted(must[:count] + rest)]
+    by_kind: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_kind.setdefault(finalist_kind(config_of(item), spec), []).append(i)
+    chosen: list[int] = []
+    for depth in range(len(items)):
+        for indices in by_kind.values():  # kinds in the order of their best item
+            if depth < len(indices) and len(chosen) < count:
+                chosen.append(indices[depth])
+        if len(chosen) >= count:
+            break
+    return [items[i] for i in sorted(chosen)]
 
 
 def rung_steps(first: int, rungs: int) -> tuple[int, ...]:

@@ -12,6 +12,8 @@
   workers), so two workers racing for the last slot cannot both take it; the loser is marked
   FAIL with the user attribute `surplus` and never counted.
 - Warm starts (uniform schedules) are enqueued once per study, recorded in a study attribute.
+- In the joint space every other trial is enqueued with its family fixed (`balance_families`),
+  so each family gets its share of the trials whatever the sampler learns from the proxy.
 """
 from __future__ import annotations
 
@@ -197,6 +199,25 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequen
     return len(configs)
 
 
+def balance_families(study: optuna.Study, space: SearchSpace) -> Optional[str]:
+    """Before a trial of the joint space: enqueue one with its family (`mix`) fixed to the one
+    furthest below its share, the sampler choosing the rest; return that family. Nothing while a
+    trial already waits (warm starts run first) or in a space without families. Workers of a
+    shared study may each enqueue one at the same time: the shares then drift by a trial or two."""
+    if not space.families:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return None
+    counts: dict[str, int] = {}
+    for t in trials:
+        if "mix" in t.params and not t.user_attrs.get("surplus"):
+            counts[t.params["mix"]] = counts.get(t.params["mix"], 0) + 1
+    family = space.next_family(counts)
+    study.enqueue_trial({"mix": family})
+    return family
+
+
 def count(study: optuna.Study, states: Sequence[TrialState] = FINISHED) -> int:
     return len(study.get_trials(deepcopy=False, states=tuple(states)))
 
@@ -248,9 +269,11 @@ def interrupt_between_trials():
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
-               on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None) -> int:
+               on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None,
+               space: Optional[SearchSpace] = None) -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
-    earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished."""
+    earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished.
+    With the joint `space`, every trial's family is set by `balance_families`."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
@@ -259,6 +282,8 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         while count(study) + count(study, (TrialState.RUNNING,)) < n_trials and (
                 deadline is None or time.monotonic() < deadline):
             before = count(study)
+            if space is not None:
+                balance_families(study, space)
             with interrupt_between_trials():
                 study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=False)
             torch.set_num_threads(threads)
