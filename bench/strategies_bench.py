@@ -11,6 +11,8 @@ Sections:
   ranked by short fine-tunes, the best retrained for `--epochs` with no time cut), into
   results/bench/<S>-b<B>/. A finished run (summary.json present) is read, not repeated. The
   deployed candidate of each is the one chosen on the validation split; its test accuracy is reported.
+  Rows of other budgets and strategies already in the JSON stay when they were run with this recipe,
+  so the 12 runs (about 25 min each on a 2-core CPU) can be spread over several sittings.
 - `ranking`: does the ranking predict? `caitsearch search --budget 0.6 --retrain-top 8` fully
   retrains all eight finalists; Spearman between each finalist's validation accuracy after its
   first short fine-tune rung and its final test accuracy (and, beside it, the untrained proxy's).
@@ -64,7 +66,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
                 if run.returncode != 0:  # e.g. no trial predicted within budget: a result, recorded as such
                     error = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
                     print(f"   failed: {error}", file=sys.stderr)
-                    rows.append({"strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)),
+                    rows.append({"strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)), "recipe": RECIPE,
                                  "accuracy": None, "error": error.removeprefix("error: ")})
                     continue
                 print(f"   {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -72,7 +74,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
             dense = s["dense"]
             best = next((c for c in s["candidates"] if c.get("retrained")), None)  # chosen on validation
             rows.append({
-                "strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)),
+                "strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)), "recipe": RECIPE,
                 "dense_accuracy": dense["accuracy"], "dense_ms": dense["latency_ms"],
                 "wall_minutes": s.get("wall_seconds", float("nan")) / 60, "trials": s["trials"]["finished"],
                 "family": best.get("family") if best else None,
@@ -209,10 +211,20 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.exists() else {}
     from caitsearch.profile.fingerprint import cpu_model
 
-    result["meta"] = {"threads": args.threads, "torch": torch.__version__, "recipe": RECIPE, "cpu": cpu_model(),
-                      "command": " ".join(["bench/strategies_bench.py", *sys.argv[1:]])}
+    meta = result.get("meta", {})
+    if "threads" in meta:  # written before sections kept their own: the last run was the latency section
+        meta = {"latency": meta}
+    for section in ("accuracy", "ranking", "latency"):  # what ran, with what, on which CPU: per section
+        if args.only in (None, section):
+            meta[section] = {"threads": args.threads, "torch": torch.__version__, "recipe": RECIPE, "cpu": cpu_model(),
+                             "command": " ".join(["bench/strategies_bench.py", *sys.argv[1:]])}
+    result["meta"] = meta
     if args.only in (None, "accuracy"):
-        result["accuracy"] = accuracy_runs(args.budgets, args.strategies)
+        fresh = accuracy_runs(args.budgets, args.strategies)
+        ran = {(r["strategy"], r["budget"]) for r in fresh}  # other budgets' rows stay, if of this recipe
+        kept = [r for r in result.get("accuracy", []) if (r["strategy"], r["budget"]) not in ran and r.get("recipe") == RECIPE]
+        order = {s: i for i, s in enumerate(STRATEGIES)}
+        result["accuracy"] = sorted(kept + fresh, key=lambda r: (-r["budget"], order[r["strategy"]]))
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot(result["accuracy"], RESULTS / "strategies.png")
     if args.only in (None, "ranking"):
