@@ -12,7 +12,7 @@ Sections:
   results/bench/<S>-b<B>/. A finished run (summary.json present) is read, not repeated. The
   deployed candidate of each is the one chosen on the validation split; its test accuracy is reported.
   Rows of other budgets and strategies already in the JSON stay when they were run with this recipe,
-  so the 12 runs (about 25 min each on a 2-core CPU) can be spread over several sittings.
+  so the 12 runs (24 min for cait at 0.5 on a 2-core AMD EPYC) can be spread over several sittings.
 - `ranking`: does the ranking predict? `caitsearch search --budget 0.6 --retrain-top 8` fully
   retrains all eight finalists; Spearman between each finalist's validation accuracy after its
   first short fine-tune rung and its final test accuracy (and, beside it, the untrained proxy's).
