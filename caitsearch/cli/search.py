@@ -67,9 +67,9 @@ def search(
 ) -> None:
     """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, rank, retrain and report the best candidates.
 
-    1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space samples pure pruning, pure merging and their mixes equally often, and starts from each family's best uniform schedule.
+    1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space gives pure pruning, pure merging and their mixes each a fixed share of the trials (3/8, 1/8, 4/8: as many as their parameters ask for), whatever the proxy prefers, and starts from each family's best uniform schedule.
 
-    2. Measure: the --finalists best (always with the best pure-pruning and the best merge-heavy one) are timed end to end against the dense model on this machine, in the deployed form the profile was measured in (its backend, dtype, threads and CUDA graphs); over-budget ones drop out.
+    2. Measure: the --finalists best, taken in rounds over pure-pruning, merge-heavy and mixed candidates (the proxy favours merging across kinds), are timed end to end against the dense model on this machine, in the deployed form the profile was measured in (its backend, dtype, threads and CUDA graphs); over-budget ones drop out.
 
     3. Rank: short distillation fine-tunes (--tune-steps, doubling per rung), scored on the validation split, keep the better half at every rung.
 

@@ -324,7 +324,7 @@ def rank_finalists(p: Prepared, m: Remeasured) -> Ranked:
     """Short fine-tunes of the candidates within budget, halved by validation accuracy at every
     rung (`rank`); without anything to retrain, or fewer than two candidates, the proxy order stands."""
     req = p.request
-    # the re-measured candidates are in proxy order: keep the best pure-pruning and merge-heavy one among them
+    # the re-measured candidates are in proxy order: take them in rounds over the kinds again
     within = rk.pick_finalists([c for c in m.candidates if c.within_budget], p.spec,
                                max(req.rank.finalists, req.retrain_top), config_of=lambda c: c.config)
     proxy_order = [c.trial for c in within]
