@@ -10,9 +10,12 @@ categorical choice that includes "none" (`"cols:2"` removes two grid columns; a 
 the block's grid allows is clamped to it), and `b{i}_qk`, `b{i}_v`, `b{i}_mlp`, categorical keep
 widths. The joint `cait` space first picks a family, `mix` in {prune, merge, joint}, and asks
 only for what that family changes (with independent per-block choices, a pure-pruning draw took
-(1/3)^depth luck). A search does not let its sampler choose the family: the untrained proxy
-prefers merges, so a sampler that learns from it abandons pure pruning, the family that retrains
-best. Each family gets its share of the trials instead (`family_shares`, `next_family`).
+(1/3)^depth luck), under the family's own names (`prune/b0_qk`, `joint/b0_qk`): the sampler
+then models each family from its own trials, as if it were searched alone, instead of pulling
+pure pruning towards the wider widths that merging affords. Nor does the sampler choose the
+family: the untrained proxy prefers merges, so a sampler that learns from it abandons pure
+pruning, the family that retrains best. Each family gets the trials it would get searched alone
+(`default_trials`, `family_shares`, `next_family`).
 
 A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
 by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only
@@ -123,12 +126,23 @@ class SearchSpace:
         """The joint space's families (sampled first, as `mix`); a single strategy has none."""
         return tuple(FAMILIES) if self.merge and self.prune and len(self.axes) > 1 else ()
 
+    def default_trials(self) -> int:
+        """A trial costs well under a second on the default model (over-budget ones nothing): eight
+        per parameter, between 100 and 400. A joint space gets the sum of what each of its
+        families would get searched alone."""
+        if self.families:
+            return sum(self._family_trials(f) for f in self.families)
+        return self._family_trials(None)
+
+    def _family_trials(self, family: Optional[str]) -> int:
+        merges, prunes = self._changes(family)
+        per_block = (1 if merges else 0) + (3 if prunes else 0)
+        return int(min(400, max(100, 8 * per_block * self.spec.depth)))
+
     def family_shares(self) -> dict[str, float]:
-        """Each family's share of a joint search's trials: in proportion to the parameters it asks
-        for per block (merge 1, prune 3, joint 4), as a single strategy's trial count is."""
-        asks = {"prune": 3, "merge": 1, "joint": 4}
-        total = sum(asks[f] for f in self.families)
-        return {f: asks[f] / total for f in self.families}
+        """Each family's share of a joint search's trials: what it would get searched alone."""
+        trials = {f: self._family_trials(f) for f in self.families}
+        return {f: n / sum(trials.values()) for f, n in trials.items()}
 
     def next_family(self, counts: Mapping[str, int]) -> str:
         """The family furthest below its share, given how many trials each already has (ties go
@@ -144,21 +158,30 @@ class SearchSpace:
         return [NO_MERGE] + [merge_choice(axis, k) for axis in self.axes[1:]
                              for k in range(1, lines_along(axis, H, W) // 2 + 1)]
 
+    def param_name(self, family: Optional[str], name: str) -> str:
+        """The Optuna name of `name` (e.g. "b0_qk") in `family`'s trials: family-scoped in a joint
+        space, so each family's choices are modelled from its own trials."""
+        return f"{family}/{name}" if family else name
+
     def config_from_params(self, params: Mapping[str, object]) -> CompressionConfig:
         """Build the config an Optuna trial's parameters describe (missing ones mean 'dense');
         a merge count beyond what a block's grid allows is clamped to it."""
         s = self.spec
         h, w = s.grid
+        family = params.get("mix")
         blocks = []
         for i in range(s.depth):
-            axis, count = parse_merge_choice(str(params.get(f"b{i}_merge", NO_MERGE)))
+            def get(name: str, default: object) -> object:
+                return params.get(self.param_name(family, f"b{i}_{name}"), default)
+
+            axis, count = parse_merge_choice(str(get("merge", NO_MERGE)))
             count = min(count, self.max_merge(lines_along(axis, h, w)))
             axis = axis if count else MergeAxis.NONE
             h, w = after_merge(axis, count, h, w)
             blocks.append(BlockConfig(
-                keep_qk=int(params.get(f"b{i}_qk", s.head_dim)),
-                keep_v=int(params.get(f"b{i}_v", s.head_dim)),
-                keep_mlp=int(params.get(f"b{i}_mlp", s.mlp_hidden)),
+                keep_qk=int(get("qk", s.head_dim)),
+                keep_v=int(get("v", s.head_dim)),
+                keep_mlp=int(get("mlp", s.mlp_hidden)),
                 merge_axis=axis, merge_count=count,
             ))
         return CompressionConfig(model=s.name, img_size=s.img_size, blocks=blocks)
@@ -174,14 +197,13 @@ class SearchSpace:
         the parameters it changes)."""
         family = trial.suggest_categorical("mix", list(self.families)) if self.families else None
         merges, prunes = self._changes(family)
-        params = {}
+        params: dict[str, object] = {"mix": family} if family else {}
         for i in range(self.spec.depth):
-            if merges:
-                params[f"b{i}_merge"] = trial.suggest_categorical(f"b{i}_merge", self.merge_choices())
-            if prunes:
-                params[f"b{i}_qk"] = trial.suggest_categorical(f"b{i}_qk", self.qk_choices)
-                params[f"b{i}_v"] = trial.suggest_categorical(f"b{i}_v", self.v_choices)
-                params[f"b{i}_mlp"] = trial.suggest_categorical(f"b{i}_mlp", self.mlp_choices)
+            choices = ([("merge", self.merge_choices())] if merges else []) + (
+                [("qk", self.qk_choices), ("v", self.v_choices), ("mlp", self.mlp_choices)] if prunes else [])
+            for name, values in choices:
+                key = self.param_name(family, f"b{i}_{name}")
+                params[key] = trial.suggest_categorical(key, values)
         return self.config_from_params(params)
 
     def family_of(self, config: CompressionConfig) -> str:
@@ -195,12 +217,11 @@ class SearchSpace:
         """Optuna parameters that reproduce `config` (for enqueueing warm starts)."""
         family = self.family_of(config) if self.families else None
         merges, prunes = self._changes(family)
-        params = {"mix": family} if family else {}
+        params: dict[str, object] = {"mix": family} if family else {}
         for i, b in enumerate(config.blocks):
-            if merges:
-                params[f"b{i}_merge"] = merge_choice(b.merge_axis, b.merge_count)
-            if prunes:
-                params.update({f"b{i}_qk": b.keep_qk, f"b{i}_v": b.keep_v, f"b{i}_mlp": b.keep_mlp})
+            values = ({"merge": merge_choice(b.merge_axis, b.merge_count)} if merges else {}) | (
+                {"qk": b.keep_qk, "v": b.keep_v, "mlp": b.keep_mlp} if prunes else {})
+            params.update({self.param_name(family, f"b{i}_{name}"): v for name, v in values.items()})
         return params
 
     def random_config(self, rng: random.Random, family: Optional[str] = None) -> CompressionConfig:

@@ -283,8 +283,10 @@ def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefer
 
     spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
     space = SearchSpace.for_strategy(spec, "cait")
-    shares = space.family_shares()
-    assert shares == {"prune": 3 / 8, "merge": 1 / 8, "joint": 4 / 8}
+    shares = space.family_shares()  # each family gets what its strategy would get alone
+    alone = {f: SearchSpace.for_strategy(spec, s).default_trials() for f, s in (("prune", "cdcp"), ("merge", "atme"))}
+    assert alone == {"prune": 144, "merge": 100} and space.default_trials() == 144 + 100 + 192
+    assert shares == {"prune": 144 / 436, "merge": 100 / 436, "joint": 192 / 436}
     assert [space.next_family(c) for c in ({}, {"prune": 1}, {"prune": 1, "merge": 1})] == ["prune", "merge", "joint"]
     prof = LatencyProfile.load(quick_profile)
     torch.manual_seed(0)
@@ -293,10 +295,14 @@ def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefer
     study.enqueue_trial(space.params_of(CompressionConfig.uniform(spec, merge_every=1)))  # a warm start waits
     assert balance_families(study, space) is None  # ... and runs first
     run_trials(study, make_objective(space, proxy, prof.predict, 0.6 * prof.dense_ms, 40), 40, space=space)
-    mixes = Counter(t.params["mix"] for t in study.trials if t.state == TrialState.COMPLETE)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    mixes = Counter(t.params["mix"] for t in done)
     assert sum(mixes.values()) == 40
     for family, share in shares.items():  # within one trial of its share (the warm start is one merge trial)
         assert abs(mixes[family] - share * 40) <= 1, mixes
+    for t in done:  # each family asks only for its own, family-scoped parameters, and they rebuild its config
+        assert all(name == "mix" or name.startswith(t.params["mix"] + "/") for name in t.params)
+        assert space.config_from_params(t.params).to_dict() == t.user_attrs["config"]
     assert not [t for t in study.trials if t.state == TrialState.WAITING]
     assert balance_families(optuna.create_study(), SearchSpace.for_strategy(spec, "cdcp")) is None
 

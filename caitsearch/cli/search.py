@@ -31,7 +31,7 @@ def search(
     data: Annotated[str, typer.Option(
         "--data", help="'fashion-mnist' or an ImageFolder directory with train/ and val/.")] = "fashion-mnist",
     trials: Annotated[Optional[int], typer.Option(
-        "--trials", min=1, help="Total trials of the study, across resumes and workers (default: 8 per parameter, 100-400; a trial takes well under a second).")] = None,
+        "--trials", min=1, help="Total trials of the study, across resumes and workers (default: 8 per parameter, 100-400; the cait space sums what its three families would get alone: 436 on the default model; a trial takes well under a second).")] = None,
     search_minutes: Annotated[Optional[float], typer.Option(
         "--search-minutes", help="Stop sampling trials after this many minutes, even below --trials.")] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe, nsga2 or random (all honour the budget constraint).")] = "tpe",
@@ -67,7 +67,7 @@ def search(
 ) -> None:
     """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, rank, retrain and report the best candidates.
 
-    1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space gives pure pruning, pure merging and their mixes each a fixed share of the trials (3/8, 1/8, 4/8: as many as their parameters ask for), whatever the proxy prefers, and starts from each family's best uniform schedule.
+    1. Screen: each trial's latency is predicted from the latency profile; configs over budget are rejected before any accuracy work (an Optuna constraint). The rest are scored, untrained, by how well they follow the dense model on held-out proxy images (KL and top-1 agreement). The joint space gives pure pruning, pure merging and their mixes each the trials its strategy would get searched alone, whatever the proxy prefers, models each from its own trials, and starts from each family's best uniform schedule.
 
     2. Measure: the --finalists best, taken in rounds over pure-pruning, merge-heavy and mixed candidates (the proxy favours merging across kinds), are timed end to end against the dense model on this machine, in the deployed form the profile was measured in (its backend, dtype, threads and CUDA graphs); over-budget ones drop out.
 

@@ -213,13 +213,6 @@ def describe_space(space: SearchSpace, prof: LatencyProfile) -> dict:
             "token_counts": space.token_counts(), "corners": corners, "dense_predicted_ms": float(prof.dense_ms)}
 
 
-def default_trials(space: SearchSpace) -> int:
-    """A trial costs well under a second (over-budget ones nothing): eight per parameter the
-    largest family asks for, between 100 and 400."""
-    per_block = (1 if len(space.axes) > 1 else 0) + (3 if space.prune else 0)
-    return int(min(400, max(100, 8 * (per_block * space.spec.depth + (1 if space.families else 0)))))
-
-
 def warm_starts(space: SearchSpace, predict_ms: Callable[[CompressionConfig], float], budget: Budget) -> list[CompressionConfig]:
     """The best uniform schedule of every family predicted within budget (pure pruning, pure
     merging, joint: each the slowest, most capacity, that fits), then the space's other uniform
@@ -243,6 +236,7 @@ def study_identity(req: SearchRequest, spec: ModelSpec, prof: LatencyProfile, sp
                 "profile": prof.manifest.get("table_sha256"),
                 "space": {"qk": space.qk_choices, "mlp": space.mlp_choices, "merge": space.merge_choices(),
                           "families": list(space.families)},
+                **({"family_params": "scoped"} if space.families else {}),  # prune/b0_qk: older joint studies do not resume
                 "data": splits.name, "calib_size": req.data.calib_size, "val_size": req.data.val_size,
                 "proxy_size": len(splits.proxy), "seed": req.seed}
     if task is not CLASSIFICATION:  # classification studies keep the identity they were created with
@@ -253,7 +247,7 @@ def study_identity(req: SearchRequest, spec: ModelSpec, prof: LatencyProfile, sp
 def run_study(p: Prepared) -> Studied:
     """Run the study up to its total trial count (resuming one that exists) and list the feasible trials."""
     req = p.request
-    trials = req.study.trials or default_trials(p.space)
+    trials = req.study.trials or p.space.default_trials()
     url = req.study.storage or p.run.sqlite_url()
     identity = study_identity(req, p.spec, p.profile, p.space, p.splits, p.task)
     sampler = st.make_sampler(req.study.sampler, st.worker_seed(req.seed, url), trials)
@@ -491,7 +485,7 @@ def summarise(p: Prepared, s: Studied, m: Remeasured, r: Ranked, t: Retrained) -
                   "latency_ms": m.dense["latency_ms"], "predicted_latency_ms": float(p.profile.dense_ms),
                   "timing": m.dense["timing"]},
         "teacher": p.teacher_info,
-        "trials": {"finished": st.count(s.study), "requested": p.request.study.trials or default_trials(p.space),
+        "trials": {"finished": st.count(s.study), "requested": p.request.study.trials or p.space.default_trials(),
                    "feasible": len(st.feasible_trials(s.study))},
         "ranking": {"finalists": len(r.results), "rung_steps": steps,
                     "candidates": [{"trial": x.trial, "val_at": {str(k): v for k, v in x.scores.items()},
