@@ -10,12 +10,13 @@ categorical choice that includes "none" (`"cols:2"` removes two grid columns; a 
 the block's grid allows is clamped to it), and `b{i}_qk`, `b{i}_v`, `b{i}_mlp`, categorical keep
 widths. The joint `cait` space first picks a family, `mix` in {prune, merge, joint}, and asks
 only for what that family changes (with independent per-block choices, a pure-pruning draw took
-(1/3)^depth luck), under the family's own names (`prune/b0_qk`, `joint/b0_qk`): the sampler
-then models each family from its own trials, as if it were searched alone, instead of pulling
-pure pruning towards the wider widths that merging affords. Nor does the sampler choose the
-family: the untrained proxy prefers merges, so a sampler that learns from it abandons pure
-pruning, the family that retrains best. Each family gets the trials it would get searched alone
-(`default_trials`, `family_shares`, `next_family`).
+(1/3)^depth luck), under the family's own names (`prune/b0_qk`, `joint/b0_qk`). A search does
+not let one sampler choose the family or model the families together: the untrained proxy
+prefers merges, and TPE's split into good and bad trials is over the whole study, so its good
+set held only merging trials and pure pruning was drawn at random (1 of 144 pruning trials within
+budget at 0.5). Each family gets the trials it would get searched alone (`default_trials`,
+`family_shares`, `next_family`), each drawn by a sampler that has seen only that family's trials
+(`search/study.py: next_family_trial`).
 
 A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
 by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only
@@ -196,15 +197,22 @@ class SearchSpace:
         """Ask an Optuna trial for one point of the space (define-by-run: a family first, then only
         the parameters it changes)."""
         family = trial.suggest_categorical("mix", list(self.families)) if self.families else None
+        return self.config_from_params({"mix": family, **self.suggest_family(trial, family)})
+
+    def suggest_family(self, trial, family: Optional[str]) -> dict:
+        """Ask a trial for the parameters `family` changes (all of a single strategy's with None),
+        under their Optuna names: what a family's own sampler draws."""
+        return {key: trial.suggest_categorical(key, values) for key, values in self.param_choices(family).items()}
+
+    def param_choices(self, family: Optional[str]) -> dict[str, list]:
+        """The Optuna parameters `family` asks for, in order, with their categorical choices."""
         merges, prunes = self._changes(family)
-        params: dict[str, object] = {"mix": family} if family else {}
+        choices: dict[str, list] = {}
         for i in range(self.spec.depth):
-            choices = ([("merge", self.merge_choices())] if merges else []) + (
-                [("qk", self.qk_choices), ("v", self.v_choices), ("mlp", self.mlp_choices)] if prunes else [])
-            for name, values in choices:
-                key = self.param_name(family, f"b{i}_{name}")
-                params[key] = trial.suggest_categorical(key, values)
-        return self.config_from_params(params)
+            for name, values in ([("merge", self.merge_choices())] if merges else []) + (
+                    [("qk", self.qk_choices), ("v", self.v_choices), ("mlp", self.mlp_choices)] if prunes else []):
+                choices[self.param_name(family, f"b{i}_{name}")] = values
+        return choices
 
     def family_of(self, config: CompressionConfig) -> str:
         """"prune", "merge" or "joint" by what `config` changes (dense counts as pruning nothing)."""

@@ -293,7 +293,7 @@ def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefer
     proxy = AccuracyProxy(create_model(DEFAULT_MODEL), torch.randn(16, 1, 32, 32), torch.randn(16, 1, 32, 32))
     study, _ = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", make_sampler("tpe", 0, 40), {"x": 1})
     study.enqueue_trial(space.params_of(CompressionConfig.uniform(spec, merge_every=1)))  # a warm start waits
-    assert balance_families(study, space) is None  # ... and runs first
+    assert balance_families(study, space, 40) is None  # ... and runs first
     run_trials(study, make_objective(space, proxy, prof.predict, 0.6 * prof.dense_ms, 40), 40, space=space)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     mixes = Counter(t.params["mix"] for t in done)
@@ -304,7 +304,43 @@ def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefer
         assert all(name == "mix" or name.startswith(t.params["mix"] + "/") for name in t.params)
         assert space.config_from_params(t.params).to_dict() == t.user_attrs["config"]
     assert not [t for t in study.trials if t.state == TrialState.WAITING]
-    assert balance_families(optuna.create_study(), SearchSpace.for_strategy(spec, "cdcp")) is None
+    assert balance_families(optuna.create_study(), SearchSpace.for_strategy(spec, "cdcp"), 40) is None
+
+
+def test_a_familys_next_trial_depends_only_on_that_familys_trials():
+    """TPE splits good from bad trials over the whole study: with merging trials best by proxy,
+    pure pruning was drawn at random. Each family's trial is drawn from its own history alone."""
+    import random
+
+    from optuna.distributions import CategoricalDistribution
+
+    from caitsearch.search import balance_families
+
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    space = SearchSpace.for_strategy(spec, "cait")
+    rng = random.Random(0)
+    own = [(space.random_config(rng, "prune"), rng.random(), rng.uniform(-2, 2)) for _ in range(20)]
+
+    def study_with(other_seed: int) -> optuna.Study:
+        study = optuna.create_study(direction="minimize")
+        other = random.Random(other_seed)
+        history = own + [(space.random_config(other, f), other.random(), other.uniform(-2, 2))
+                         for f in ["merge"] * 40 + ["joint"] * 60]
+        for config, kl, over in history:
+            params = space.params_of(config)
+            choices = {"mix": list(space.families), **space.param_choices(params["mix"])}
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={k: CategoricalDistribution(choices[k]) for k in params},
+                value=kl, constraints={"latency": over}))
+        return study
+
+    drawn = []
+    for other_seed in (1, 2):
+        study = study_with(other_seed)
+        assert balance_families(study, space, 436, seed=5) == "prune"  # 20 of its 144 against 40 of 100, 60 of 192
+        drawn.append(space.suggest(study.ask()))  # the enqueued trial, as the objective would build it
+    assert drawn[0] == drawn[1] and space.family_of(drawn[0]) == "prune"  # the other families changed nothing
+
 
 
 @pytest.mark.slow

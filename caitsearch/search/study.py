@@ -12,8 +12,8 @@
   workers), so two workers racing for the last slot cannot both take it; the loser is marked
   FAIL with the user attribute `surplus` and never counted.
 - Warm starts (uniform schedules) are enqueued once per study, recorded in a study attribute.
-- In the joint space every other trial is enqueued with its family fixed (`balance_families`),
-  so each family gets its share of the trials whatever the sampler learns from the proxy.
+- In the joint space every trial is enqueued by `balance_families`: the family furthest below its
+  share, drawn by a sampler that has seen only that family's trials.
 """
 from __future__ import annotations
 
@@ -199,11 +199,13 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequen
     return len(configs)
 
 
-def balance_families(study: optuna.Study, space: SearchSpace) -> Optional[str]:
-    """Before a trial of the joint space: enqueue one with its family (`mix`) fixed to the one
-    furthest below its share, the sampler choosing the rest; return that family. Nothing while a
-    trial already waits (warm starts run first) or in a space without families. Workers of a
-    shared study may each enqueue one at the same time: the shares then drift by a trial or two."""
+def balance_families(study: optuna.Study, space: SearchSpace, n_trials: int, seed: int = 0) -> Optional[str]:
+    """Before a trial of the joint space: enqueue the next trial of the family furthest below its
+    share, every parameter drawn by a TPE sampler that sees only that family's finished trials, as
+    if the family were searched alone; return the family. Nothing while a trial already waits (warm
+    starts run first) or in a space without families. The family's sampler is rebuilt from the
+    storage every time, so resumed runs and the workers of a shared study need no state; workers
+    that enqueue at the same moment can drift the shares by a trial or two."""
     if not space.families:
         return None
     trials = study.get_trials(deepcopy=False)
@@ -214,7 +216,18 @@ def balance_families(study: optuna.Study, space: SearchSpace) -> Optional[str]:
         if "mix" in t.params and not t.user_attrs.get("surplus"):
             counts[t.params["mix"]] = counts.get(t.params["mix"], 0) + 1
     family = space.next_family(counts)
-    study.enqueue_trial({"mix": family})
+    share = max(1, round(space.family_shares()[family] * n_trials))
+    index = list(space.families).index(family)
+    sampler = make_sampler("tpe", seed + 1_000_003 * (index + 1) + counts.get(family, 0), share)
+    alone = optuna.create_study(direction="minimize", sampler=sampler)
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.params.get("mix") == family and t.value is not None:
+            own = {k: v for k, v in t.params.items() if k != "mix"}
+            alone.add_trial(optuna.trial.create_trial(
+                params=own, distributions={k: t.distributions[k] for k in own}, value=t.value,
+                constraints=dict(t.constraints) if t.constraints else None))
+    params = space.suggest_family(alone.ask(), family)
+    study.enqueue_trial({"mix": family, **params})
     return family
 
 
@@ -270,10 +283,11 @@ def interrupt_between_trials():
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None,
-               space: Optional[SearchSpace] = None) -> int:
+               space: Optional[SearchSpace] = None, seed: int = 0) -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
     earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished.
-    With the joint `space`, every trial's family is set by `balance_families`."""
+    With the joint `space`, every trial is drawn by `balance_families` (its family's own sampler,
+    seeded from `seed`)."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
@@ -283,7 +297,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 deadline is None or time.monotonic() < deadline):
             before = count(study)
             if space is not None:
-                balance_families(study, space)
+                balance_families(study, space, n_trials, seed)
             with interrupt_between_trials():
                 study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=False)
             torch.set_num_threads(threads)
