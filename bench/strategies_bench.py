@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from caitsearch import CompressionConfig, ModelSpec, compress, create_model, materialize
+from caitsearch.models import DEFAULT_MODEL
 from caitsearch.device import resolve_device, resolve_dtype
 from caitsearch.io import atomic_write_text
 from caitsearch.measure import measure_interleaved, set_threads, steady_allocator
@@ -55,6 +56,24 @@ def same_loop_ratio(candidate: dict, dense: dict) -> float:
     """A candidate's latency over the dense model's timed in the same loop: re-measurement runs in
     rounds, and the summary's dense timing is the first round's (another state of the machine)."""
     return candidate["latency_ms"] / candidate.get("timing", {}).get("dense_ms", dense["latency_ms"])
+
+
+def trials_by_family(run: Path) -> dict:
+    """How many of a run's trials each family had, and how many of them were predicted within
+    budget (from RUN/trials.parquet): does every family get searched?"""
+    import pandas as pd
+
+    spec = ModelSpec.from_model(create_model(DEFAULT_MODEL))
+    space = SearchSpace(spec)
+    trials = pd.read_parquet(run / "trials.parquet")
+    trials = trials[trials["state"] == "COMPLETE"]
+    counts: dict[str, dict] = {}
+    for config, feasible in zip(trials["config"], trials["feasible"]):
+        family = space.family_of(CompressionConfig.from_dict(json.loads(config) if isinstance(config, str) else config))
+        entry = counts.setdefault(family, {"trials": 0, "within_budget": 0})
+        entry["trials"] += 1
+        entry["within_budget"] += int(bool(feasible))
+    return counts
 
 
 def accuracy_runs(budgets, strategies) -> list[dict]:
@@ -91,6 +110,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
                 "speedup": best["speedup"] if best else None,
                 "delta_points": 100 * (best["accuracy"] - dense["accuracy"]) if best else None,
                 "config": best["config"] if best else None,
+                "trials_by_family": trials_by_family(out),
             })
     return rows
 

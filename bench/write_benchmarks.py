@@ -208,12 +208,15 @@ def strategies_section(result: dict) -> list[str]:
                 r = by.get((s, b))
                 if r:
                     val = f"{r['val_accuracy']:.2%}" if r.get("val_accuracy") is not None else ""
+                    searched = ", ".join(f"{f} {n['within_budget']}/{n['trials']}"
+                                         for f, n in sorted(r.get("trials_by_family", {}).items()))
                     rows.append([f"{b:g}", s, r.get("family") or "", val, f"{r['accuracy']:.2%}", f"{r['delta_points']:+.2f}",
-                                 f"{r['latency_ratio']:.2f}x", f"{r['speedup']:.2f}x", f"{r.get('wall_minutes', float('nan')):.1f}"])
-            rows += [[f"{r['budget']:g}", r["strategy"], "", "", "none", "", "", "", r.get("error", "")]
+                                 f"{r['latency_ratio']:.2f}x", f"{r['speedup']:.2f}x", f"{r.get('wall_minutes', float('nan')):.1f}",
+                                 searched])
+            rows += [[f"{r['budget']:g}", r["strategy"], "", "", "none", "", "", "", "", r.get("error", "")]
                      for r in failed if r["budget"] == b]
         out += md_table(["budget", "strategy", "deployed family", "val accuracy", "test accuracy", "vs dense (points)",
-                         "latency vs dense", "speedup", "wall min"], rows)
+                         "latency vs dense", "speedup", "wall min", "trials within budget / run, per family"], rows)
         if acc:
             out += ["", f"Dense: {acc[0]['dense_accuracy']:.2%} test.", ""]
         goals = []
