@@ -16,7 +16,7 @@ prefers merges, and TPE's split into good and bad trials is over the whole study
 set held only merging trials and pure pruning was drawn at random (1 of 144 pruning trials within
 budget at 0.5). Each family gets the trials it would get searched alone (`default_trials`,
 `family_shares`, `next_family`), each drawn by a sampler that has seen only that family's trials
-(`search/study.py: next_family_trial`).
+(`search/study.py: balance_families`).
 
 A strategy (`STRATEGIES`) restricts the space, so every method is searched, profiled and measured
 by the same code: `cait` merges grid lines and prunes channels, `atme` only merges, `cdcp` only

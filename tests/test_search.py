@@ -307,6 +307,21 @@ def test_the_joint_search_gives_every_family_its_share_whatever_the_proxy_prefer
     assert balance_families(optuna.create_study(), SearchSpace.for_strategy(spec, "cdcp"), 40) is None
 
 
+def test_the_family_sampler_is_the_one_asked_for():
+    """--sampler random draws each family's trial at random; NSGA-II, whose generations live in the
+    study it samples, only gets the family fixed."""
+    from caitsearch.search import balance_families
+
+    space = SearchSpace.for_strategy(ModelSpec.from_model(create_model(DEFAULT_MODEL)), "cait")
+    fixed = []
+    for sampler in ("random", "random", "nsga2"):
+        study = optuna.create_study(direction="minimize")
+        assert balance_families(study, space, 100, seed=3, sampler=sampler) == "prune"
+        fixed.append(study.trials[0].system_attrs["fixed_params"])
+    assert fixed[0] == fixed[1] and set(fixed[0]) == {"mix", *space.param_choices("prune")}  # seeded, whole
+    assert fixed[2] == {"mix": "prune"}
+
+
 def test_a_familys_next_trial_depends_only_on_that_familys_trials():
     """TPE splits good from bad trials over the whole study: with merging trials best by proxy,
     pure pruning was drawn at random. Each family's trial is drawn from its own history alone."""

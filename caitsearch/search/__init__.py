@@ -12,7 +12,7 @@ from .study import (
 
 __all__ = [
     "AccuracyProxy", "Budget", "BudgetRequest", "DataRequest", "MeasureRequest", "ProxyScore", "RankRequest", "RunFolder",
-    "SAMPLERS", "SearchRequest", "balance_families", "StudyRequest", "count", "driver_url", "enqueue_warm_starts",
+    "SAMPLERS", "SearchRequest", "StudyRequest", "balance_families", "count", "driver_url", "enqueue_warm_starts",
     "exclusive", "fail_orphans", "feasible_trials", "make_objective", "make_sampler", "open_study", "run_search",
     "run_trials", "stack_images", "strategy_config", "trial_rows", "worker_seed",
 ]

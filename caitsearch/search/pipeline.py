@@ -263,7 +263,7 @@ def run_study(p: Prepared) -> Studied:
             task = bar.task("trials", total=trials, completed=min(trials, st.count(study)))
             st.run_trials(study, st.make_objective(p.space, p.proxy, p.profile.predict, p.budget.ms, trials), trials,
                           on_trial=lambda done: task.update(completed=min(done, trials)), deadline=deadline,
-                          space=p.space, seed=st.worker_seed(req.seed, url))
+                          space=p.space, seed=st.worker_seed(req.seed, url), sampler=req.study.sampler)
     p.run.write_trials(trial_rows(study))
     feasible = st.feasible_trials(study)
     if not feasible:

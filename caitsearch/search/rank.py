@@ -53,10 +53,10 @@ def finalist_kind(config: CompressionConfig, spec: ModelSpec) -> str:
 def pick_finalists(items: Sequence, spec: ModelSpec, count: int,
                    config_of: Callable[[Any], CompressionConfig] = trial_config) -> list:
     """`count` items taken in rounds over the kinds (`finalist_kind`), each kind's best by proxy
-    first: the proxy favours merging across kinds, so it may not decide alone which kind gets
-    the short fine-tunes. The best pure-pruning and the best
-    merge-heavy item are therefore always among them where there are such. `items` (study
-    trials, or re-measured candidates with `config_of`) come best first; the result keeps that order."""
+    first: the proxy favours merging across kinds, so it may not decide alone which kind gets the
+    short fine-tunes. The best pure-pruning and the best merge-heavy item are therefore always
+    among them where there are such. `items` (study trials, or re-measured candidates with
+    `config_of`) come best first; the result keeps that order."""
     if count <= 0:
         return []
     by_kind: dict[str, list[int]] = {}

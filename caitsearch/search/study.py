@@ -39,6 +39,7 @@ from ..space import SearchSpace
 from .proxy import AccuracyProxy
 
 SAMPLERS = ("tpe", "nsga2", "random")
+FAMILY_SAMPLERS = ("tpe", "random")  # samplers that can be rebuilt from a family's finished trials alone
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_S, GRACE_S = 5, 30
 
@@ -199,13 +200,16 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, configs: Sequen
     return len(configs)
 
 
-def balance_families(study: optuna.Study, space: SearchSpace, n_trials: int, seed: int = 0) -> Optional[str]:
+def balance_families(study: optuna.Study, space: SearchSpace, n_trials: int, seed: int = 0,
+                     sampler: str = "tpe") -> Optional[str]:
     """Before a trial of the joint space: enqueue the next trial of the family furthest below its
-    share, every parameter drawn by a TPE sampler that sees only that family's finished trials, as
+    share, every parameter drawn by a `sampler` that sees only that family's finished trials, as
     if the family were searched alone; return the family. Nothing while a trial already waits (warm
     starts run first) or in a space without families. The family's sampler is rebuilt from the
     storage every time, so resumed runs and the workers of a shared study need no state; workers
-    that enqueue at the same moment can drift the shares by a trial or two."""
+    that enqueue at the same moment can drift the shares by a trial or two. NSGA-II keeps its
+    generations in the study it samples, so with it only the family is fixed and the study's own
+    sampler draws the rest."""
     if not space.families:
         return None
     trials = study.get_trials(deepcopy=False)
@@ -216,10 +220,13 @@ def balance_families(study: optuna.Study, space: SearchSpace, n_trials: int, see
         if "mix" in t.params and not t.user_attrs.get("surplus"):
             counts[t.params["mix"]] = counts.get(t.params["mix"], 0) + 1
     family = space.next_family(counts)
+    if sampler not in FAMILY_SAMPLERS:
+        study.enqueue_trial({"mix": family})
+        return family
     share = max(1, round(space.family_shares()[family] * n_trials))
     index = list(space.families).index(family)
-    sampler = make_sampler("tpe", seed + 1_000_003 * (index + 1) + counts.get(family, 0), share)
-    alone = optuna.create_study(direction="minimize", sampler=sampler)
+    alone = optuna.create_study(direction="minimize", sampler=make_sampler(
+        sampler, seed + 1_000_003 * (index + 1) + counts.get(family, 0), share))
     for t in trials:
         if t.state == TrialState.COMPLETE and t.params.get("mix") == family and t.value is not None:
             own = {k: v for k, v in t.params.items() if k != "mix"}
@@ -283,11 +290,11 @@ def interrupt_between_trials():
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                on_trial: Optional[Callable[[int], None]] = None, deadline: Optional[float] = None,
-               space: Optional[SearchSpace] = None, seed: int = 0) -> int:
+               space: Optional[SearchSpace] = None, seed: int = 0, sampler: str = "tpe") -> int:
     """Run trials until the study holds `n_trials` finished ones (counting other workers' and
     earlier runs'), or `time.monotonic()` passes `deadline`; return how many this call finished.
-    With the joint `space`, every trial is drawn by `balance_families` (its family's own sampler,
-    seeded from `seed`)."""
+    With the joint `space`, every trial is drawn by `balance_families` (its family's own
+    `sampler`, seeded from `seed`)."""
     threads = torch.get_num_threads()  # some samplers (GP) drop torch to one thread
     done_here = 0
     optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
@@ -297,7 +304,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 deadline is None or time.monotonic() < deadline):
             before = count(study)
             if space is not None:
-                balance_families(study, space, n_trials, seed)
+                balance_families(study, space, n_trials, seed, sampler)
             with interrupt_between_trials():
                 study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=False)
             torch.set_num_threads(threads)
