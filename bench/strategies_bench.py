@@ -52,6 +52,16 @@ RECIPE = ["--epochs", str(EPOCHS), "--minutes", "0", "--repeats", "10"]
 RANKED = 8  # finalists fully retrained by the ranking section
 
 
+def teacher_digest() -> str:
+    """First 12 hex digits of the committed default weights' SHA-256: rows retrained from another
+    teacher are not comparable, so they are not kept beside this one's."""
+    import hashlib
+
+    from caitsearch.models import default_checkpoint
+
+    return hashlib.sha256(Path(default_checkpoint(DEFAULT_MODEL)).read_bytes()).hexdigest()[:12]
+
+
 def same_loop_ratio(candidate: dict, dense: dict) -> float:
     """A candidate's latency over the dense model's timed in the same loop: re-measurement runs in
     rounds, and the summary's dense timing is the first round's (another state of the machine)."""
@@ -92,7 +102,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
                     error = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
                     print(f"   failed: {error}", file=sys.stderr)
                     rows.append({"strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)), "recipe": RECIPE,
-                                 "accuracy": None, "error": error.removeprefix("error: ")})
+                                 "teacher": teacher_digest(), "accuracy": None, "error": error.removeprefix("error: ")})
                     continue
                 print(f"   {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             s = json.loads(summary_path.read_text())
@@ -100,7 +110,7 @@ def accuracy_runs(budgets, strategies) -> list[dict]:
             best = next((c for c in s["candidates"] if c.get("retrained")), None)  # chosen on validation
             rows.append({
                 "strategy": strategy, "budget": budget, "run": str(out.relative_to(ROOT)), "recipe": RECIPE,
-                "dense_accuracy": dense["accuracy"], "dense_ms": dense["latency_ms"],
+                "teacher": teacher_digest(), "dense_accuracy": dense["accuracy"], "dense_ms": dense["latency_ms"],
                 "wall_minutes": s.get("wall_seconds", float("nan")) / 60, "trials": s["trials"]["finished"],
                 "family": best.get("family") if best else None,
                 "val_accuracy": best.get("val_accuracy") if best else None,
@@ -248,7 +258,8 @@ def main() -> None:
     if args.only in (None, "accuracy"):
         fresh = accuracy_runs(args.budgets, args.strategies)
         ran = {(r["strategy"], r["budget"]) for r in fresh}  # other budgets' rows stay, if of this recipe
-        kept = [r for r in result.get("accuracy", []) if (r["strategy"], r["budget"]) not in ran and r.get("recipe") == RECIPE]
+        kept = [r for r in result.get("accuracy", []) if (r["strategy"], r["budget"]) not in ran
+                and r.get("recipe") == RECIPE and r.get("teacher") == teacher_digest()]
         order = {s: i for i, s in enumerate(STRATEGIES)}
         result["accuracy"] = sorted(kept + fresh, key=lambda r: (-r["budget"], order[r["strategy"]]))
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
