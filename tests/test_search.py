@@ -441,3 +441,62 @@ def test_finalists_keep_the_best_pure_pruning_and_merge_heavy_candidate_whatever
         b.__class__(b.keep_qk, b.keep_v, b.keep_mlp // 2) for b in prune.blocks), merge])]
     assert [rank.finalist_kind(c.config, spec) for c in more] == ["mixed"] * 4 + ["prune"] * 2 + ["merge-heavy"]
     assert [c.trial for c in rank.pick_finalists(more, spec, 5, config_of=lambda c: c.config)] == [0, 1, 4, 5, 6]
+
+
+def test_a_kind_that_fell_over_budget_gets_its_next_best_trial_in_the_next_remeasure_round():
+    """Re-measurement rounds after the first: the proxy ranks every mixed trial above the pruning
+    ones, and both pruning trials of round one measured just over budget; the next round must
+    still try the best pruning trial that fits, or pruning never reaches the ranking (issue 13's
+    budget-0.5 run: 16 mixed and 6 merge-heavy candidates re-measured, 2 pruning ones, both over)."""
+    from types import SimpleNamespace
+
+    from caitsearch.search import rank
+    from caitsearch.search.remeasure import next_round
+
+    spec = ModelSpec.of(create_model(DEFAULT_MODEL))
+    mixed = [CompressionConfig.uniform(spec, keep_rate=k, merge_every=2, merge_start=1) for k in (0.75, 0.7, 0.65, 0.6)]
+    prune = [CompressionConfig.uniform(spec, keep_rate=k) for k in (0.5, 0.45)]
+    merge = CompressionConfig.uniform(spec, merge_every=1, merge_start=1)
+    fits = [SimpleNamespace(number=i, user_attrs={"config": c.to_dict()}) for i, c in enumerate([*mixed, *prune, merge])]
+    assert [rank.finalist_kind(CompressionConfig.from_dict(t.user_attrs["config"]), spec) for t in fits] == \
+        ["mixed"] * 4 + ["prune"] * 2 + ["merge-heavy"]
+    numbers = lambda batch: [t.number for t in batch]  # noqa: E731
+    assert numbers(next_round(fits, {"mixed", "merge-heavy"}, spec, 3)) == [4, 0, 6]  # pruning's best first
+    assert numbers(next_round(fits, {"mixed"}, spec, 3)) == [4, 6, 0]
+    assert numbers(next_round(fits, {"mixed", "prune", "merge-heavy"}, spec, 3)) == [0, 4, 6]  # rounds over kinds
+    # one kind alone (cdcp, atme, tome): exactly the next trials in proxy order, as before kinds were told apart
+    assert numbers(next_round(fits[:4], set(), spec, 3)) == numbers(next_round(fits[:4], {"mixed"}, spec, 3)) == [0, 1, 2]
+
+
+def test_a_teacher_far_below_a_linear_classifier_on_the_pixels_is_called_weak():
+    """Issue 13: a teacher well above chance (so the near-chance check is silent) but below what
+    the data allows gets a plain warning; the committed teacher gets none."""
+    from torch import nn
+
+    from caitsearch.data import load_dataset
+    from caitsearch.models import model_spec
+    from caitsearch.search.pipeline import teacher_check
+    from caitsearch.training import load_batch, load_teacher
+    from caitsearch.training.baseline import fit_ridge, pixel_features
+
+    splits = load_dataset("fashion-mnist", model_spec(DEFAULT_MODEL), val_size=1000, train_limit=4000)
+    rows = torch.arange(len(splits.train))
+    x, y = load_batch(splits.train.subset(rows, augment=False), rows)
+    mean, scale, weights = fit_ridge(pixel_features(x, side=2), y, splits.num_classes)
+
+    class Quadrants(nn.Module):  # sees only the mean brightness of the image's four quadrants
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(len(mean), splits.num_classes)
+            self.linear.weight.data, self.linear.bias.data = weights[:-1].T.clone(), weights[-1].clone()
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.linear((pixel_features(images, side=2) - mean) / scale)
+
+    weak = teacher_check(Quadrants().eval(), "quadrants", splits, 256)
+    assert 2 / splits.num_classes < weak["val_accuracy"] < weak["pixel_baseline_val_accuracy"] - 0.2
+    assert "far below what the data allows" in weak["warning"] and "near chance" not in weak["warning"]
+
+    teacher = load_teacher(DEFAULT_MODEL, num_classes=splits.num_classes, data=splits.name).model.eval()
+    good = teacher_check(teacher, "committed", splits, 256)
+    assert good["val_accuracy"] > good["pixel_baseline_val_accuracy"] and "warning" not in good

@@ -45,7 +45,9 @@ from ..profile import LatencyProfile, find_profile
 from ..profile.runtime import Runtime
 from ..space import SearchSpace
 from ..tasks import CLASSIFICATION, Task, get_task
-from ..training import DENSE_LR, MODEL_FILE, Retraining, TrainOnce, evaluate, load_teacher
+from ..training import (
+    DENSE_LR, MODEL_FILE, Retraining, TrainOnce, evaluate, load_teacher, pixel_baseline_accuracy,
+)
 from . import rank as rk
 from . import study as st
 from .proxy import AccuracyProxy, PixelProxy, make_proxy
@@ -187,14 +189,24 @@ def prepare(req: SearchRequest) -> Prepared:
 def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: int,
                   task: Task = CLASSIFICATION) -> dict:
     """The teacher's validation score (accuracy, or mIoU), and a warning when it is too weak to be
-    worth compressing: near chance on the validation split."""
+    worth compressing: near chance on the validation split, or (classification) below a linear
+    classifier on the raw pixels, which is what the data allows without learning any features."""
     val = float(evaluate(teacher, splits.val, batch_size=max(batch_size, 256), task=task)) if len(splits.val) else None
     info = {"source": source, "val_accuracy": val, "val_images": len(splits.val)}
+    if val is None:
+        return info
     chance = 1.0 / splits.num_classes
-    if val is not None and val < min(0.95, 2 * chance):
+    advice = "train it longer (caitsearch train --epochs ...) or start from --pretrained weights."
+    if val < min(0.95, 2 * chance):
         info["warning"] = (f"the dense teacher is near chance on the validation split ({val:.1%} {task.metric_label} with "
-                           f"{splits.num_classes} classes, chance {chance:.1%}): compressing it is meaningless; "
-                           "train it longer (caitsearch train --epochs ...) or start from --pretrained weights.")
+                           f"{splits.num_classes} classes, chance {chance:.1%}): compressing it is meaningless; {advice}")
+    elif task is CLASSIFICATION and len(splits.train):
+        floor = pixel_baseline_accuracy(splits.train, splits.val, splits.num_classes)
+        info["pixel_baseline_val_accuracy"] = floor
+        if val < floor:
+            info["warning"] = (f"the dense teacher is far below what the data allows: {val:.1%} on the validation split, "
+                               f"where a linear classifier on the raw pixels reaches {floor:.1%}; compressing it is "
+                               f"meaningless; {advice}")
     return info
 
 
