@@ -51,7 +51,7 @@ from ..training import (
 from . import rank as rk
 from . import study as st
 from .proxy import AccuracyProxy, PixelProxy, make_proxy
-from .remeasure import Measured, remeasure_until_within
+from .remeasure import Measured, remeasure, remeasure_until_within
 from .request import Budget, SearchRequest
 from .run_folder import RunFolder, trial_rows
 
@@ -189,8 +189,8 @@ def prepare(req: SearchRequest) -> Prepared:
 def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: int,
                   task: Task = CLASSIFICATION) -> dict:
     """The teacher's validation score (accuracy, or mIoU), and a warning when it is too weak to be
-    worth compressing: near chance on the validation split, or (classification) below a linear
-    classifier on the raw pixels, which is what the data allows without learning any features."""
+    worth compressing: near chance on the validation split, or (classification) clearly below a
+    linear classifier on the raw pixels, which is what the data allows without learning features."""
     val = float(evaluate(teacher, splits.val, batch_size=max(batch_size, 256), task=task)) if len(splits.val) else None
     info = {"source": source, "val_accuracy": val, "val_images": len(splits.val)}
     if val is None:
@@ -203,8 +203,9 @@ def teacher_check(teacher: nn.Module, source: str, splits: Splits, batch_size: i
     elif task is CLASSIFICATION and len(splits.train):
         floor = pixel_baseline_accuracy(splits.train, splits.val, splits.num_classes)
         info["pixel_baseline_val_accuracy"] = floor
-        if val < floor:
-            info["warning"] = (f"the dense teacher is far below what the data allows: {val:.1%} on the validation split, "
+        noise = 2 * (floor * (1 - floor) / len(splits.val)) ** 0.5  # two standard errors of the floor's estimate
+        if val < floor - noise:
+            info["warning"] = (f"the dense teacher is below what the data allows: {val:.1%} on the validation split, "
                                f"where a linear classifier on the raw pixels reaches {floor:.1%}; compressing it is "
                                f"meaningless; {advice}")
     return info
@@ -303,10 +304,12 @@ def remeasure_best(p: Prepared, s: Studied) -> Remeasured:
         def on_round(n: int) -> Callable[[], None]:
             return bar.task(f"re-measuring {n} candidates", total=req.measure.repeats).advance
 
-        dense_timing, measured = remeasure_until_within(
-            p.teacher, queue, p.spec, p.budget, p.profile.dense_ms, p.runtime, p.proxy.stats_images,
-            wanted=wanted, per_round=max(wanted, req.measure.remeasure), repeats=req.measure.repeats,
-            on_round=on_round, task=p.task)
+        def measure(batch: list):
+            return remeasure(p.teacher, batch, p.spec, p.budget, p.runtime, p.proxy.stats_images,
+                             repeats=req.measure.repeats, progress=on_round(len(batch)), task=p.task)
+
+        dense_timing, measured = remeasure_until_within(measure, queue, p.spec, p.budget, p.profile.dense_ms,
+                                                        wanted=wanted, per_round=max(wanted, req.measure.remeasure))
     measured.sort(key=lambda m: (not m.within_budget, m.proxy["kl"]))
     write_json(p.run.remeasured, {"dense": dense_timing, "candidates": [m.to_dict() for m in measured]})
     return Remeasured(dense_timing, measured)

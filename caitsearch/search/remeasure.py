@@ -15,7 +15,7 @@ from ..config import CompressionConfig
 from ..models import ModelSpec
 from ..profile.runtime import Runtime
 from ..tasks import CLASSIFICATION, Task
-from .rank import finalist_kind, pick_finalists
+from .rank import finalist_kind, pick_finalists, trial_config
 from .request import Budget
 
 
@@ -64,65 +64,83 @@ def remeasure(dense: nn.Module, trials: list, spec: ModelSpec, budget: Budget, r
             "telemetry": telemetry}, out
 
 
-def remeasure_until_within(dense: nn.Module, feasible: list, spec: ModelSpec, budget: Budget, dense_predicted_ms: float,
-                           runtime: Runtime, calib: torch.Tensor,
-                           wanted: int, per_round: int, repeats: int, rounds: int = 3,
-                           on_round: Optional[Callable[[int], Callable[[], None]]] = None,
-                           task: Task = CLASSIFICATION) -> tuple[dict, list[Measured]]:
-    """Re-measure the best feasible trials (`feasible`: the first round's picks first, then the
-    rest best first); while fewer than `wanted` stay within budget on this device, or a kind of
-    candidate (`rank.finalist_kind`: pure pruning, merge-heavy, mixed) that the study found has none
-    within budget, try the next best trials that still fit after correcting each kind's
-    predictions by its measured/predicted ratio so far, taken in rounds over the kinds, up to
-    `rounds` times. The machine's drift since profiling differs by kind (pure pruning ran 3-5%
-    slower against dense than predicted on a day when merges did not), and a kind that all fell
-    just over budget would otherwise never reach the ranking: the next trials by proxy are of the
-    kinds the proxy favours. `on_round(n)` returns a per-repeat callback."""
+Measure = Callable[[list], tuple[dict, list[Measured]]]  # trials -> (dense timing, each trial timed)
+
+
+def remeasure_until_within(measure: Measure, feasible: list, spec: ModelSpec, budget: Budget,
+                           dense_predicted_ms: float, wanted: int, per_round: int,
+                           rounds: int = 3) -> tuple[Optional[dict], list[Measured]]:
+    """Time the best feasible trials with `measure` (`feasible`: the first round's picks first,
+    then the rest best first), in up to `rounds` rounds. A later round runs while fewer than
+    `wanted` are within budget, or while a kind of candidate (`rank.finalist_kind`: pure pruning,
+    merge-heavy, mixed) that could still fit has none within budget; it tries the trials that
+    still fit after each kind's predictions are corrected by that kind's measured/predicted
+    ratio (`next_round`). Kinds drift apart from the profile differently, so one correction
+    for all would let the proxy's favourite kinds fill every later round. With one kind (cdcp,
+    atme, tome) this is plain: the next `per_round` trials that fit, under one correction."""
+    kind_of = {t.number: finalist_kind(trial_config(t), spec) for t in feasible}
     measured: list[Measured] = []
     dense_timing = None
-    kind_of = {t.number: finalist_kind(CompressionConfig.from_dict(t.user_attrs["config"]), spec) for t in feasible}
+    own: dict[str, float] = {}  # each kind's correction from its own timings, never lowered
     correction = {kind: 1.0 for kind in kind_of.values()}
     queue = list(feasible)
+
+    def fits(t) -> bool:
+        return correction[kind_of[t.number]] * t.user_attrs["predicted_ms"] / dense_predicted_ms <= budget.ratio
+
     for round_ in range(rounds):
-        fits = [t for t in queue
-                if correction[kind_of[t.number]] * t.user_attrs["predicted_ms"] / dense_predicted_ms <= budget.ratio]
-        covered = {kind_of[m.trial] for m in measured if m.within_budget}
-        batch = fits[:per_round] if round_ == 0 else next_round(fits, covered, spec, per_round)
+        candidates = [t for t in queue if fits(t)]
+        if round_ == 0:
+            batch = candidates[:per_round]
+        else:
+            enough = sum(m.within_budget for m in measured) >= wanted
+            batch = next_round(candidates, kind_of, covered_kinds(measured, kind_of), spec, per_round, only_short=enough)
         if not batch:
             break
         queue = [t for t in queue if t not in batch]
-        dense_timing, got = remeasure(dense, batch, spec, budget, runtime, calib, repeats=repeats,
-                                      progress=on_round(len(batch)) if on_round else None, task=task)
+        dense_timing, got = measure(batch)
         measured += got  # each carries the dense latency of its own loop, so rounds compare
-        overall = _median_ratio(measured, dense_predicted_ms)
-        for kind in correction:
-            of_kind = [m for m in measured if kind_of[m.trial] == kind]
-            correction[kind] = max(correction[kind], _median_ratio(of_kind, dense_predicted_ms) if of_kind else overall)
-        covered = {kind_of[m.trial] for m in measured if m.within_budget}
-        reachable = {kind_of[t.number] for t in queue
-                     if correction[kind_of[t.number]] * t.user_attrs["predicted_ms"] / dense_predicted_ms <= budget.ratio}
-        if sum(m.within_budget for m in measured) >= wanted and not reachable - covered:
+        correction = kind_corrections(measured, kind_of, own, dense_predicted_ms)
+        short = {kind_of[t.number] for t in queue if fits(t)} - covered_kinds(measured, kind_of)
+        if sum(m.within_budget for m in measured) >= wanted and not short:
             break
     return dense_timing, measured
 
 
-def next_round(fits: list, covered: set, spec: ModelSpec, per_round: int) -> list:
+def next_round(fits: list, kind_of: dict, covered: set, spec: ModelSpec, per_round: int,
+               only_short: bool = False) -> list:
     """Up to `per_round` of `fits` (trials still predicted within budget after correction, best
-    first) for a later round: the best trial of every kind not yet `covered` by a candidate
-    measured within budget, then the rest in rounds over the kinds (`rank.pick_finalists`)."""
-    kind_of = {t.number: finalist_kind(_trial_config(t), spec) for t in fits}
-    short = set(kind_of.values()) - covered
-    first = pick_finalists([t for t in fits if kind_of[t.number] in short], spec, len(short),
-                           config_of=_trial_config)[:per_round]
-    rest = [t for t in pick_finalists(fits, spec, per_round, config_of=_trial_config) if t not in first]
+    first) for a later round: the best trial of each kind not yet `covered` by a candidate
+    measured within budget (the proxy's order decides which, if there are more such kinds than
+    `per_round`), then, unless `only_short`, the rest in rounds over the kinds."""
+    short = {kind_of[t.number] for t in fits} - covered
+    first = pick_finalists([t for t in fits if kind_of[t.number] in short], spec, len(short))[:per_round]
+    if only_short:
+        return first
+    rest = [t for t in pick_finalists(fits, spec, per_round) if t not in first]
     return first + rest[:max(0, per_round - len(first))]
 
 
-def _trial_config(trial) -> CompressionConfig:
-    return CompressionConfig.from_dict(trial.user_attrs["config"])
+def covered_kinds(measured: list[Measured], kind_of: dict) -> set:
+    """The kinds that have a candidate measured within budget."""
+    return {kind_of[m.trial] for m in measured if m.within_budget}
+
+
+def kind_corrections(measured: list[Measured], kind_of: dict, own: dict, dense_predicted_ms: float) -> dict:
+    """Each kind's factor on its predictions: the median measured/predicted latency ratio (each
+    relative to its dense) of its own timings, never lowered (`own` keeps it between rounds);
+    a kind not timed yet borrows the median of all timings, without keeping it."""
+    overall = _median_ratio(measured, dense_predicted_ms)
+    out = {}
+    for kind in set(kind_of.values()):
+        of_kind = [m for m in measured if kind_of[m.trial] == kind]
+        if of_kind:
+            own[kind] = max(own.get(kind, 1.0), _median_ratio(of_kind, dense_predicted_ms))
+        out[kind] = own[kind] if kind in own else max(1.0, overall)
+    return out
 
 
 def _median_ratio(measured: list[Measured], dense_predicted_ms: float) -> float:
-    """The median of measured/predicted latency (each relative to its dense) over `measured`."""
+    """The (upper) median of measured/predicted latency, each relative to its dense, over `measured`."""
     ratios = sorted((m.latency_ms / m.timing["dense_ms"]) / (m.predicted_ms / dense_predicted_ms) for m in measured)
     return ratios[len(ratios) // 2]

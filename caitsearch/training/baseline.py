@@ -7,6 +7,8 @@ say when the dense model is far below what its data allows and compressing it is
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -15,7 +17,7 @@ from .loop import load_batch
 
 BASELINE_IMAGES = 5000  # training images the baseline is fitted on (a seeded subset)
 BASELINE_SIDE = 16  # images are average-pooled to at most this many pixels a side
-RIDGE = 0.1  # regularisation, relative to the mean feature variance
+RIDGE = 0.1  # regularisation per training image (features are standardised to unit variance)
 
 
 def pixel_features(images: torch.Tensor, side: int = BASELINE_SIDE) -> torch.Tensor:
@@ -25,8 +27,8 @@ def pixel_features(images: torch.Tensor, side: int = BASELINE_SIDE) -> torch.Ten
     return pooled.flatten(1)
 
 
-def _features(dataset: Dataset, limit: int, seed: int, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+def _features(dataset: Dataset, order: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pixel_features` `(N, D)` and labels `(N,)` of `dataset` at the positions `order`."""
     xs, ys = [], []
     for start in range(0, len(order), batch):
         x, y = load_batch(dataset, order[start:start + batch])
@@ -35,18 +37,28 @@ def _features(dataset: Dataset, limit: int, seed: int, batch: int = 1000) -> tup
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares one-vs-rest fit of `(N, D)` features to `(N,)` labels: returns the feature
-    mean, scale and weights `(D + 1, num_classes)` (the last row is the bias)."""
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+class Ridge(NamedTuple):
+    """A fitted one-vs-rest least-squares classifier: feature `mean` and `scale` `(D,)`, and
+    `weights` `(D + 1, num_classes)` whose last row is the bias."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    weights: torch.Tensor
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Ridge:
+    """Ridge regression of one-hot `(N,)` labels on standardised `(N, D)` features (the bias is
+    not penalised)."""
+    mean, scale = x.mean(0), x.std(0, correction=0).clamp_min(1e-6)
     z = torch.cat([(x - mean) / scale, torch.ones(len(x), 1)], dim=1).double()
     targets = F.one_hot(y, num_classes).double()
-    gram = z.T @ z
-    gram += RIDGE * len(x) * torch.eye(len(gram), dtype=gram.dtype)
-    return mean, scale, torch.linalg.solve(gram, z.T @ targets).float()
+    penalty = torch.full((z.shape[1],), RIDGE * len(x), dtype=z.dtype)
+    penalty[-1] = 0.0
+    return Ridge(mean, scale, torch.linalg.solve(z.T @ z + torch.diag(penalty), z.T @ targets).float())
 
 
-def predict_ridge(fitted: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def predict_ridge(fitted: Ridge, x: torch.Tensor) -> torch.Tensor:
+    """Class indices `(N,)` for `(N, D)` features."""
     mean, scale, weights = fitted
     z = torch.cat([(x - mean) / scale, torch.ones(len(x), 1)], dim=1)
     return (z @ weights).argmax(1)
@@ -58,8 +70,9 @@ def pixel_baseline_accuracy(train: Dataset, val: Dataset, num_classes: int, limi
     (unaugmented where the dataset can say so: `subset(..., augment=False)`)."""
     if len(train) == 0 or len(val) == 0:
         raise ValueError("the pixel baseline needs training and validation images")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:limit]
     if hasattr(train, "subset"):
-        train = train.subset(torch.arange(len(train)), augment=False)
-    fitted = fit_ridge(*_features(train, limit, seed), num_classes)
-    x, y = _features(val, len(val), seed)
+        train, order = train.subset(order, augment=False), torch.arange(len(order))
+    fitted = fit_ridge(*_features(train, order), num_classes)
+    x, y = _features(val, torch.arange(len(val)))
     return float((predict_ridge(fitted, x) == y).float().mean())
