@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from caitsearch import CompressionConfig, ModelSpec, compress, create_model, materialize
@@ -137,17 +138,40 @@ def ranking_run(budget: float = 0.6) -> dict:
     first = str(s["ranking"]["rung_steps"][0])
     tuned = {c["trial"]: c["val_at"][first] for c in s["ranking"]["candidates"]}
     final = {c["trial"]: c for c in s["candidates"] if c.get("retrained") and c["trial"] in tuned}
-    trials = sorted(final)
-    from caitsearch.profile.validate import spearman
-
     rows = [{"trial": t, "family": final[t].get("family"), "proxy_kl": final[t]["proxy_kl"], "tune_val": tuned[t],
              "final_val": final[t]["val_accuracy"], "final_test": final[t]["accuracy"],
-             "latency_ratio": same_loop_ratio(final[t], s["dense"])} for t in trials]
-    return {"run": str(out.relative_to(ROOT)), "budget": budget, "first_rung_steps": int(first), "rows": rows,
-            "spearman_tune_vs_test": spearman([r["tune_val"] for r in rows], [r["final_test"] for r in rows]),
-            "spearman_proxy_vs_test": spearman([-r["proxy_kl"] for r in rows], [r["final_test"] for r in rows]),
-            "spearman_final_val_vs_test": spearman([r["final_val"] for r in rows], [r["final_test"] for r in rows]),
-            "dense_accuracy": s["dense"]["accuracy"], "wall_minutes": s["wall_seconds"] / 60}
+             "latency_ratio": same_loop_ratio(final[t], s["dense"])} for t in sorted(final)]
+    return {"run": str(out.relative_to(ROOT)), "budget": budget, "first_rung_steps": int(first),
+            "dense_accuracy": s["dense"]["accuracy"], "wall_minutes": s["wall_seconds"] / 60, **ranking_figures(rows)}
+
+
+def ranking_from(folder: Path) -> dict:
+    """The same figures from bench/ranking_gpu.sh's folder: the search's ranking.parquet and
+    remeasured.json, and final.json with each finalist's `caitsearch train --config` result."""
+    ranking = pd.read_parquet(folder / "ranking.parquet")
+    measured = json.loads((folder / "remeasured.json").read_text())
+    timed = {c["trial"]: c for c in measured["candidates"]}
+    finals = json.loads((folder / "final.json").read_text())
+    request = json.loads((folder / "manifest.json").read_text())["request"]
+    first = min(int(c.removeprefix("val_at_")) for c in ranking.columns if c.startswith("val_at_"))
+    rows = [{"trial": int(r.trial), "family": r.family, "proxy_kl": float(r.proxy_kl),
+             "tune_val": float(getattr(r, f"val_at_{first}")), "last_rung": bool(r.survived),
+             "final_val": finals[f"trial-{int(r.trial)}"]["val_accuracy"],
+             "final_test": finals[f"trial-{int(r.trial)}"]["accuracy"],
+             "latency_ratio": same_loop_ratio(timed[int(r.trial)], measured["dense"])} for r in ranking.itertuples()]
+    return {"run": str(folder.relative_to(ROOT)), "budget": request["budget"]["ratio"], "first_rung_steps": first,
+            "dense_accuracy": None, "wall_minutes": None, "retrained_by": "bench/ranking_gpu.sh",
+            "machine": (folder / "machine.txt").read_text().split("\n")[0] if (folder / "machine.txt").exists() else None,
+            **ranking_figures(sorted(rows, key=lambda r: r["trial"]))}
+
+
+def ranking_figures(rows: list[dict]) -> dict:
+    from caitsearch.profile.validate import spearman
+
+    final_test = [r["final_test"] for r in rows]
+    return {"rows": rows, "spearman_tune_vs_test": spearman([r["tune_val"] for r in rows], final_test),
+            "spearman_proxy_vs_test": spearman([-r["proxy_kl"] for r in rows], final_test),
+            "spearman_final_val_vs_test": spearman([r["final_val"] for r in rows], final_test)}
 
 
 def chosen_configs(spec: ModelSpec, budgets, strategies, progress: bool, profile=None) -> tuple[dict, float]:
@@ -240,6 +264,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     ap.add_argument("--profile", type=Path, help="Latency profile folder that picks the schedules (one model only).")
     ap.add_argument("--out", type=Path, default=RESULTS / "strategies.json")
+    ap.add_argument("--ranking-from", type=Path, help="Ranking section: read bench/ranking_gpu.sh's folder instead of "
+                    "running the search with every finalist retrained here.")
     args = ap.parse_args()
     set_threads(args.threads)
     steady_allocator()
@@ -265,7 +291,7 @@ def main() -> None:
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot(result["accuracy"], RESULTS / "strategies.png")
     if args.only in (None, "ranking"):
-        result["ranking"] = ranking_run()
+        result["ranking"] = ranking_from(args.ranking_from.resolve()) if args.ranking_from else ranking_run()
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     if args.only in (None, "latency"):
         result["latency"] = latency_runs(args.models, args.budgets, args.strategies, args.batches, args.repeats,

@@ -242,14 +242,20 @@ def strategies_section(result: dict) -> list[str]:
         out += ["Goals:", ""] + goals + [""]
     rank = result.get("ranking")
     if rank:
-        out += [f"**Does the ranking predict?** `search --budget {rank['budget']:g} --retrain-top {len(rank['rows'])}` "
-                f"retrains every finalist in full ({rank['wall_minutes']:.0f} min). Spearman against final test accuracy: "
+        how = (f"`search --budget {rank['budget']:g} --retrain-top {len(rank['rows'])}` retrains every finalist in full "
+               f"({rank['wall_minutes']:.0f} min)") if not rank.get("retrained_by") else (
+               f"`{rank['retrained_by']}` ranks the finalists of `search --budget {rank['budget']:g}` and retrains every one "
+               f"in full with `caitsearch train --config`, the same recipe, on {rank.get('machine') or 'a GPU'} "
+               f"([{rank['run']}]({rank['run']}))")
+        out += [f"**Does the ranking predict?** {how}. Spearman against final test accuracy: "
                 f"validation after the first short fine-tune ({rank['first_rung_steps']} steps) "
                 f"{rank['spearman_tune_vs_test']:.2f} (goal >= 0.8, {check(rank['spearman_tune_vs_test'] >= 0.8)}), "
                 f"the untrained proxy {rank['spearman_proxy_vs_test']:.2f}, final validation "
                 f"{rank['spearman_final_val_vs_test']:.2f}.", ""]
-        out += md_table(["trial", "family", "proxy KL", "short-tune val", "final val", "final test", "latency vs dense"],
+        out += md_table(["trial", "family", "proxy KL", "short-tune val", "kept to the last rung", "final val", "final test",
+                         "latency vs dense"],
                         [[str(r["trial"]), r["family"] or "", f"{r['proxy_kl']:.3f}", f"{r['tune_val']:.2%}",
+                          {True: "yes", False: "no"}.get(r.get("last_rung"), ""),
                           f"{r['final_val']:.2%}", f"{r['final_test']:.2%}", f"{r['latency_ratio']:.2f}x"]
                          for r in rank["rows"]]) + [""]
     lat = result.get("latency", [])
