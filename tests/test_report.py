@@ -171,6 +171,18 @@ def test_pareto_mask_keeps_only_undominated_points():
     assert pareto_mask(cost, value).tolist() == [True, True, False, False, True]
 
 
+def test_candidates_are_drawn_at_their_same_loop_ratio_on_the_dense_markers_scale():
+    from caitsearch.report.plots import _dense_scale
+
+    # dense timed at 41.6 ms in round one; a candidate of round three measured 26.4 ms against a
+    # dense that ran 44.1 ms in its loop: 0.599x, within a 0.6 budget, so drawn left of 0.6 x 41.6
+    cands = pd.DataFrame({"latency_ms": [26.4, 20.0], "speedup": [44.1 / 26.4, None]})
+    x = _dense_scale(cands, {"latency_ms": 41.6})
+    assert x.iloc[0] == pytest.approx(41.6 * 26.4 / 44.1) and x.iloc[0] < 0.6 * 41.6
+    assert x.iloc[1] == 20.0  # no same-loop timing: its own milliseconds
+    assert _dense_scale(cands, None).tolist() == [26.4, 20.0]
+
+
 def test_not_a_run_folder_is_refused(tmp_path):
     from caitsearch.errors import CaitsearchError
 

@@ -128,12 +128,12 @@ def search(
     score = "acc" if the_task is CLASSIFICATION else the_task.metric_label
     rows = [("dense", "", _pct(dense.get("val_accuracy")), _pct(dense["accuracy"]), f"{dense['latency_ms']:.3g}",
              f"{dense['predicted_latency_ms']:.3g}", "1.00x", "")]
-    rows += [(("DEPLOY " if i == 0 else "") + f"trial {c['trial']}", c.get("family", ""), _pct(c["val_accuracy"]),
+    rows += [(f"{c['trial']}" + (" DEPLOY" if i == 0 else ""), c.get("family", ""), _pct(c["val_accuracy"]),
               _pct(c["accuracy"]), f"{c['latency_ms']:.3g}", f"{c['predicted_latency_ms']:.3g}",
               f"{c['speedup']:.2f}x", "yes" if c["retrained"] else "no") for i, c in enumerate(summary["candidates"])]
     print_table(f"{summary['model']} ({summary['strategy']}) under {summary['budget']['ratio']:.2f}x dense "
                 f"({summary['budget']['ms']:.3g} ms, batch {summary['batch_size']}, {summary['device']})",
-                ("", "family", f"val {score}", f"test {score}", "measured ms", "predicted ms", "speedup", "retrained"),
+                ("trial", "family", f"val {score}", f"test {score}", "ms", "predicted", "speedup", "retrained"),
                 rows)
     for plan in summary.get("final_retraining", []):
         if plan.get("limited_by"):

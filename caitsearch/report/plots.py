@@ -30,6 +30,15 @@ def _front(ax, cost: pd.Series, value: pd.Series, **style) -> None:
     ax.step(front["c"], front["v"], where="post", **style)
 
 
+def _dense_scale(cands: pd.DataFrame, dense: Optional[dict]) -> pd.Series:
+    """Candidates' latencies on the dense marker's scale: re-measurement runs in rounds, each timing
+    dense in its own loop, so a candidate is placed at its same-loop ratio (what the budget judged)
+    times the dense latency drawn, not at its raw milliseconds from another state of the machine."""
+    if not dense or "speedup" not in cands:
+        return cands["latency_ms"]
+    return (dense["latency_ms"] / cands["speedup"]).where(cands["speedup"].notna(), cands["latency_ms"])
+
+
 def tradeoff_figure(run: Run) -> Figure:
     """Top: test accuracy vs measured latency (candidates, dense, budget, front, the one to deploy).
     Bottom: every search trial's proxy vs predicted latency (uniform baselines marked)."""
@@ -41,6 +50,8 @@ def tradeoff_figure(run: Run) -> Figure:
 
     # -- measured candidates ------------------------------------------------------------------
     cands = pd.DataFrame(run.candidates)
+    if not cands.empty:
+        cands["x"] = _dense_scale(cands, dense)
     if dense:
         top.scatter([dense["latency_ms"]], [dense["accuracy"]], marker="*", s=260, color="black", zorder=4,
                     label=f"dense ({dense['accuracy']:.1%}, {dense['latency_ms']:.3g} ms)")
@@ -53,24 +64,25 @@ def tradeoff_figure(run: Run) -> Figure:
                                  (False, dict(facecolors="none", edgecolors="tab:green", label="candidate, not retrained"))):
             part = cands[cands["retrained"] == retrained]
             if not part.empty:
-                top.scatter(part["latency_ms"], part["accuracy"], s=70, zorder=3, **style)
-        pts = cands[["latency_ms", "accuracy"]]
+                top.scatter(part["x"], part["accuracy"], s=70, zorder=3, **style)
+        pts = cands[["x", "accuracy"]]
         if dense:
-            pts = pd.concat([pts, pd.DataFrame([{"latency_ms": dense["latency_ms"], "accuracy": dense["accuracy"]}])],
+            pts = pd.concat([pts, pd.DataFrame([{"x": dense["latency_ms"], "accuracy": dense["accuracy"]}])],
                             ignore_index=True)
-        _front(top, pts["latency_ms"], pts["accuracy"], color="tab:green", alpha=0.5, lw=1, label="Pareto front")
+        _front(top, pts["x"], pts["accuracy"], color="tab:green", alpha=0.5, lw=1, label="Pareto front")
         for _, c in cands.iterrows():
-            top.annotate(f"#{c['trial']}", (c["latency_ms"], c["accuracy"]), xytext=(4, -12),
+            top.annotate(f"#{c['trial']}", (c["x"], c["accuracy"]), xytext=(4, -12),
                          textcoords="offset points", fontsize=8, color="dimgray")
     rec = run.recommended
     if rec:
-        top.scatter([rec["latency_ms"]], [rec["accuracy"]], s=380, facecolors="none", edgecolors="tab:blue", lw=2.5,
+        rec_x = float(_dense_scale(pd.DataFrame([rec]), dense).iloc[0])
+        top.scatter([rec_x], [rec["accuracy"]], s=380, facecolors="none", edgecolors="tab:blue", lw=2.5,
                     zorder=5)
         top.autoscale_view()
-        x, y = top.transAxes.inverted().transform(top.transData.transform((rec["latency_ms"], rec["accuracy"])))
+        x, y = top.transAxes.inverted().transform(top.transData.transform((rec_x, rec["accuracy"])))
         chosen = f"best validation {metric}" if run.chosen_on_validation else "best test accuracy (older run)"
         top.annotate(f"DEPLOY trial {rec['trial']}\n{rec['accuracy']:.1%} test {short}, {rec['speedup']:.2f}x faster than dense\n"
-                     f"({chosen} within budget)", (rec["latency_ms"], rec["accuracy"]),
+                     f"({chosen} within budget)", (rec_x, rec["accuracy"]),
                      xytext=(0.55 if x < 0.5 else 0.04, 0.45 if y > 0.5 else 0.8), textcoords="axes fraction",
                      va="center", fontsize=10, fontweight="bold", color="tab:blue",
                      arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.5),
@@ -78,7 +90,8 @@ def tradeoff_figure(run: Run) -> Figure:
     else:
         top.text(0.5, 0.5, "no candidate measured within budget:\nnothing to deploy", transform=top.transAxes,
                  ha="center", va="center", fontsize=13, color="tab:red")
-    top.set(xlabel=f"measured latency ({unit})", ylabel=f"test {metric}",
+    scale = f", each as its ratio to dense timed in the same loop x dense's {dense['latency_ms']:.3g} ms" if dense else ""
+    top.set(xlabel=f"measured latency ({unit}{scale})", ylabel=f"test {metric}",
             title=f"{run.name}: {run.model or 'model ?'} — {metric} vs measured latency")
     top.grid(alpha=0.3)
     top.legend(loc="best", fontsize=8)

@@ -150,8 +150,9 @@ def report_blocks(run: Run, figures: dict[str, Path], table: pd.DataFrame) -> li
         chosen = ("the most accurate on the validation split" if run.chosen_on_validation
                   else "the most accurate on the test split (a run from before the validation split)")
         blocks.append(("p", f"Deploy trial {rec['trial']}: {rec['accuracy']:.1%} test {run.metric_label} "
-                            f"({rec['accuracy'] - dense['accuracy']:+.1%} vs dense {dense['accuracy']:.1%}) at "
-                            f"{rec['latency_ms']:.3g} ms, {rec['speedup']:.2f}x faster than dense: of the candidates "
+                            f"({100 * (rec['accuracy'] - dense['accuracy']):+.2f} points vs dense {dense['accuracy']:.2%}) at "
+                            f"{rec['latency_ms']:.3g} ms, {rec['speedup']:.2f}x faster than dense timed in the same loop: "
+                            f"of the candidates "
                             f"measured within the budget of {budget.get('ratio', float('nan')):.2f}x dense, {chosen}. "
                             f"Its folder: {rec.get('path', '')}"))
     blocks += [("note", n) for n in run.notes]
