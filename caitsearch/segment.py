@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compress import CaitViT
+from .compress.atme import cell_slots
 from .data import FASHION_MNIST_STATS, make_frame, read_fashion_mnist
 from .models import ModelSpec
 
@@ -29,6 +30,7 @@ from .models import ModelSpec
 FOREGROUND_THRESHOLD = 25
 NUM_SEG_CLASSES = 11  # 0 = background, 1..10 = Fashion-MNIST class + 1
 BACKGROUND = 0
+CELL_GAIN = 10.0  # SegmentationHead's cell embeddings, as stored, are this much smaller than as added
 IGNORE_INDEX = 255  # a mask pixel without a label (VOC and ADE20k's convention): out of the loss and of mIoU
 # data.py frames Fashion-MNIST's 28x28 images at 28/32 of the model frame (28 -> 32 for the default model)
 FASHION_MNIST_FILL = 28 / 32
@@ -100,22 +102,40 @@ class SegmentationHead(nn.Module):
     recognise the item poorly and the mean of the map lifts mIoU by ~6 points; and a patch token
     is embedded from its own pixels, so it can draw an edge inside its patch, which a bilinear
     upsample of per-patch logits cannot (at patch 4 on 28x28 items most patches touch an edge):
-    foreground accuracy 97.9% against 94.9%. Still ~1.5% of the default backbone's MACs, so the backbone dominates latency."""
+    foreground accuracy 97.9% against 94.9%. Still ~1.5% of the default backbone's MACs, so the backbone dominates latency.
+
+    Cell embeddings: where ATME merged, a token is repeated over the rectangle of patches its grid
+    cell covers, and a head that sees only the token paints every patch of it alike. A learned
+    vector per (line size, offset) of the row and of the column (`atme.cell_slot`) is added to
+    each patch's features, so the head can tell a cell's patches apart and the fine-tune can teach
+    the merged token to carry what differs between them. Only a grid gives patches such a place
+    (ToMe's merged patches are scattered), so a ToMe or dense map gets none. Zero at the start, so
+    a student begins as the plain repeated map; `CELL_GAIN` scales them because the fine-tune's
+    AdamW steps (~lr each) would take thousands of steps to lift them from zero to the features'
+    unit scale. Measured (`bench/seg_strategy_finetune.py`, default model at budget 0.7, 2-core AMD
+    EPYC, 1,000 test images): 100 steps on 6,400 images, atme 59.6% mIoU with them, 57.8% without,
+    ToMe 59.2%; 312 steps on 20,000 images, atme 61.0% with them, ToMe 58.2%."""
 
     def __init__(self, embed_dim: int, patch_size: tuple[int, int], img_size: tuple[int, int],
-                 num_classes: int = NUM_SEG_CLASSES, width: int = 64) -> None:
+                 num_classes: int = NUM_SEG_CLASSES, width: int = 64, grid: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         if patch_size[0] != patch_size[1]:
             raise ValueError(f"pixel shuffle needs square patches, got {tuple(patch_size)}.")
         self.patch, self.img_size, self.num_classes = patch_size[0], tuple(img_size), num_classes
+        grid_h, grid_w = grid or (side // self.patch for side in self.img_size)
+        self.cell_rows = nn.Parameter(torch.zeros(cell_slots(grid_h), embed_dim))
+        self.cell_cols = nn.Parameter(torch.zeros(cell_slots(grid_w), embed_dim))
         self.norm = nn.BatchNorm2d(embed_dim)
         self.local = nn.Conv2d(embed_dim, width, kernel_size=1)
         self.context = nn.Conv2d(embed_dim, width, kernel_size=1, bias=False)
         self.act = nn.GELU()
         self.classify = nn.Conv2d(width, num_classes * self.patch ** 2, kernel_size=1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """`(B, C, Hp, Wp)` -> logits `(B, classes, H, W)`."""
+    def forward(self, features: torch.Tensor, cells: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """`(B, C, Hp, Wp)` and the grid's cell positions (`CaitViT.feature_cells`) -> logits `(B, classes, H, W)`."""
+        if cells is not None:
+            rows, cols = (CELL_GAIN * table[slots] for table, slots in zip((self.cell_rows, self.cell_cols), cells))
+            features = features + rows.transpose(1, 2)[..., None] + cols.transpose(1, 2)[:, :, None, :]
         x = self.norm(features)
         # the unmerged map repeats a merged token over the patches it covers: its mean weights by coverage
         x = self.act(self.local(x) + self.context(x.mean(dim=(2, 3), keepdim=True)))
@@ -126,7 +146,7 @@ class SegmentationHead(nn.Module):
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, **kwargs) -> "SegmentationHead":
-        return cls(spec.embed_dim, spec.patch_size, spec.img_size, **kwargs)
+        return cls(spec.embed_dim, spec.patch_size, spec.img_size, grid=tuple(spec.grid), **kwargs)
 
 
 class SegmentationModel(nn.Module):
@@ -138,7 +158,7 @@ class SegmentationModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.feature_map(x))
+        return self.head(*self.backbone.feature_cells(x))
 
     @property
     def num_classes(self) -> int:

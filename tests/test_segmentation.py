@@ -3,6 +3,7 @@ the task model built on a (compressed) backbone, its losses and mIoU, the pixel 
 the decoder, and `train` / `search --task segmentation` end to end on tiny settings."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -211,6 +212,61 @@ def test_a_dense_student_is_the_teacher_and_materialising_keeps_outputs():
     loaded = SEGMENTATION.load_candidate(teacher, config, small.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
+
+
+def test_cell_positions_name_each_patch_line_by_its_cells_size_and_offset():
+    from caitsearch.compress.atme import TokenGrid, cell_slots
+
+    grid = TokenGrid(1, 3, 2, row_height=torch.tensor([[2.0, 1.0, 3.0], [1.0, 4.0, 1.0]]),
+                     col_width=torch.ones(2, 2))
+    rows, cols = grid.cell_positions(6, 2)
+    # (size, offset) -> size(size-1)/2 + offset: (2,0)=1 (2,1)=2 (1,0)=0 (3,0)=3 (3,1)=4 (3,2)=5
+    assert rows.tolist() == [[1, 2, 0, 3, 4, 5], [0, 6, 7, 8, 9, 0]]
+    assert cols.tolist() == [[0, 0], [0, 0]]
+    assert int(rows.max()) < cell_slots(6) and TokenGrid(1, 6, 2).cell_positions(6, 2) is None
+
+
+def _merging_student(spec, axis: str):
+    teacher = tiny_teacher(spec)
+    blocks = list(CompressionConfig.dense(spec).blocks)
+    blocks[2] = dataclasses.replace(blocks[2], merge_axis=axis, merge_count=3)
+    config = CompressionConfig(model=spec.name, img_size=spec.img_size, blocks=blocks)
+    return teacher, SEGMENTATION.student(teacher, config).eval()
+
+
+def test_a_grid_cell_tells_its_patches_apart_only_where_atme_merged():
+    spec = spec_of()
+    x = torch.randn(2, 1, 32, 32)
+    teacher, atme = _merging_student(spec, "cols")
+    _, tome = _merging_student(spec, "tokens")
+    with torch.no_grad():
+        # zero at the start: a student begins as the plain repeated map
+        assert torch.equal(atme(x), atme.head(atme.backbone.feature_map(x)))
+        before = {name: m(x) for name, m in (("atme", atme), ("tome", tome), ("dense", teacher))}
+        for m in (atme, tome, teacher):
+            m.head.cell_rows.normal_()
+            m.head.cell_cols.normal_()
+        assert not torch.allclose(atme(x), before["atme"])
+        assert torch.equal(tome(x), before["tome"]) and torch.equal(teacher(x), before["dense"])
+    # and the fine-tune reaches them: an ATME student's loss has a gradient on the column cells
+    atme.train()
+    atme.head.cell_cols.data.zero_()
+    atme(x).square().mean().backward()
+    grad = atme.head.cell_cols.grad
+    assert grad is not None and grad[1:].abs().sum() > 0
+
+
+def test_a_decoder_saved_without_cell_embeddings_loads_them_at_zero_and_a_wrong_shape_is_refused():
+    spec = spec_of()
+    teacher = tiny_teacher(spec)
+    state = {k: v for k, v in teacher.state_dict().items() if "cell_" not in k}
+    loaded = SEGMENTATION.from_state(DEFAULT_MODEL, None, state)
+    assert not loaded.head.cell_rows.any() and loaded.head.cell_cols.shape == teacher.head.cell_cols.shape
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), teacher(x))
+    with pytest.raises(CaitsearchError, match="does not fit the segmentation model"):
+        SEGMENTATION.from_state(DEFAULT_MODEL, None, {**state, "head.cell_rows": torch.zeros(3, 128)})
 
 
 def test_pixel_distillation_is_kl_over_the_class_dim_plus_cross_entropy():

@@ -147,6 +147,36 @@ class TokenGrid(NamedTuple):
         return grid.gather(2, cols[:, None, :, None].expand(batch, full_h, full_w, channels))
 
 
+    def cell_positions(self, full_h: int, full_w: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Where each original patch row and column sits inside the merged line covering it, as
+        `(B, full_h)` and `(B, full_w)` indices of (line size, offset) pairs, `cell_slot(size,
+        offset)`; None while nothing merged. Only a grid has them: a ToMe token's patches are
+        scattered, while a grid cell is a rectangle, so a dense head can tell its patches apart."""
+        if not self.merged:
+            return None
+        return _line_slots(self.row_height, full_h), _line_slots(self.col_width, full_w)
+
+
+def cell_slot(size: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Index of the pair (line size s >= 1, offset 0 <= o < s): s(s-1)/2 + o, dense in
+    [0, cell_slots(full)); an unmerged line (s=1, o=0) is slot 0."""
+    return size * (size - 1) // 2 + offset
+
+
+def cell_slots(full: int) -> int:
+    """How many (size, offset) pairs lines of up to `full` original lines have."""
+    return full * (full + 1) // 2
+
+
+def _line_slots(line_sizes: torch.Tensor, full: int) -> torch.Tensor:
+    """`(B, n)` float line sizes -> `(B, full)` slot of every original line in the line covering it."""
+    cover = _cover_index(line_sizes, full)
+    sizes = line_sizes.round().long()
+    starts = (sizes.cumsum(1) - sizes).gather(1, cover)
+    positions = torch.arange(full, device=line_sizes.device).expand_as(starts)
+    return cell_slot(sizes.gather(1, cover), positions - starts)
+
+
 def _cover_index(line_sizes: torch.Tensor, full: int) -> torch.Tensor:
     """For each original line, the index of the merged line that covers it: `(B, full)`."""
     ends = line_sizes.cumsum(1)

@@ -198,8 +198,14 @@ class CaitViT(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Patch features unmerged to the full patch grid, `(B, C, H, W)`, for dense heads."""
+        return self.feature_cells(x)[0]
+
+    def feature_cells(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """`feature_map` and, where ATME merged, where every patch sits in its grid cell
+        (`TokenGrid.cell_positions`: `(B, H)` and `(B, W)` slots); None for a dense or ToMe map."""
         tokens, grid = self.forward_features(x, track=True)
-        return grid.unmerge(tokens, *self.spec.grid).permute(0, 3, 1, 2)
+        cells = grid.cell_positions(*self.spec.grid) if isinstance(grid, TokenGrid) else None
+        return grid.unmerge(tokens, *self.spec.grid).permute(0, 3, 1, 2), cells
 
 
 Calibration = Union[torch.Tensor, Iterable]

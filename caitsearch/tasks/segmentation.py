@@ -153,7 +153,14 @@ def labelled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothin
     return F.cross_entropy(logits, y, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
 
 
+CELL_KEYS = (HEAD_PREFIX + "cell_rows", HEAD_PREFIX + "cell_cols")
+
+
 def _load(model: nn.Module, state: dict, name: str) -> None:
+    """Load strictly, except that a decoder saved before it had cell embeddings gets them at zero:
+    what a fresh one starts from, and a dense map never adds them."""
+    own = model.state_dict()
+    state = {**{k: torch.zeros_like(own[k]) for k in CELL_KEYS if k in own and k not in state}, **state}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
