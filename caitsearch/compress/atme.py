@@ -146,7 +146,6 @@ class TokenGrid(NamedTuple):
         grid = grid.gather(1, rows[:, :, None, None].expand(batch, full_h, self.w, channels))
         return grid.gather(2, cols[:, None, :, None].expand(batch, full_h, full_w, channels))
 
-
     def cell_positions(self, full_h: int, full_w: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Where each original patch row and column sits inside the merged line covering it, as
         `(B, full_h)` and `(B, full_w)` indices of (line size, offset) pairs, `cell_slot(size,
