@@ -107,14 +107,16 @@ class SegmentationHead(nn.Module):
     Cell embeddings: where ATME merged, a token is repeated over the rectangle of patches its grid
     cell covers, and a head that sees only the token paints every patch of it alike. A learned
     vector per (line size, offset) of the row and of the column (`atme.cell_slot`) is added to
-    each patch's features, so the head can tell a cell's patches apart and the fine-tune can teach
-    the merged token to carry what differs between them. Only a grid gives patches such a place
-    (ToMe's merged patches are scattered), so a ToMe or dense map gets none. Zero at the start, so
-    a student begins as the plain repeated map; `CELL_GAIN` scales them because the fine-tune's
-    AdamW steps (~lr each) would take thousands of steps to lift them from zero to the features'
-    unit scale. Measured (`bench/seg_strategy_finetune.py`, default model at budget 0.7, 2-core AMD
-    EPYC, 1,000 test images): 100 steps on 6,400 images, atme 59.6% mIoU with them, 57.8% without,
-    ToMe 59.2%; 312 steps on 20,000 images, atme 61.0% with them, ToMe 58.2%."""
+    each patch's features, and one more scales them channel by channel, so the head can tell a
+    cell's patches apart, each patch can read its own channels of the merged token, and the
+    fine-tune can teach that token to carry what differs between them. Only a grid gives patches
+    such a place (ToMe's merged patches are scattered), so a ToMe or dense map gets none. Zero at
+    the start, so a student begins as the plain repeated map; `CELL_GAIN` scales them because the
+    fine-tune's AdamW steps (~lr each) would take thousands of steps to lift them from zero to the
+    features' unit scale. Measured with `bench/seg_strategy_finetune.py 312 20000 0.7 atme` (the
+    schedule ATME picks under 0.7, 312 steps on 20,000 images, 1,000 test images, 2-core AMD EPYC,
+    the 78.76% dense model as teacher): 66.1% test mIoU with shifts and scales, 61.0% with the
+    shifts alone (the commit before the scales)."""
 
     def __init__(self, embed_dim: int, patch_size: tuple[int, int], img_size: tuple[int, int],
                  num_classes: int = NUM_SEG_CLASSES, width: int = 64, grid: Optional[tuple[int, int]] = None) -> None:
@@ -125,6 +127,8 @@ class SegmentationHead(nn.Module):
         grid_h, grid_w = grid or (side // self.patch for side in self.img_size)
         self.cell_rows = nn.Parameter(torch.zeros(cell_slots(grid_h), embed_dim))
         self.cell_cols = nn.Parameter(torch.zeros(cell_slots(grid_w), embed_dim))
+        self.cell_row_gains = nn.Parameter(torch.zeros(cell_slots(grid_h), embed_dim))
+        self.cell_col_gains = nn.Parameter(torch.zeros(cell_slots(grid_w), embed_dim))
         self.norm = nn.BatchNorm2d(embed_dim)
         self.local = nn.Conv2d(embed_dim, width, kernel_size=1)
         self.context = nn.Conv2d(embed_dim, width, kernel_size=1, bias=False)
@@ -134,8 +138,9 @@ class SegmentationHead(nn.Module):
     def forward(self, features: torch.Tensor, cells: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """`(B, C, Hp, Wp)` and the grid's cell positions (`CaitViT.feature_cells`) -> logits `(B, classes, H, W)`."""
         if cells is not None:
-            rows, cols = (CELL_GAIN * table[slots] for table, slots in zip((self.cell_rows, self.cell_cols), cells))
-            features = features + rows.transpose(1, 2)[..., None] + cols.transpose(1, 2)[:, :, None, :]
+            shift = self._cell_map(self.cell_rows, self.cell_cols, cells)
+            gain = self._cell_map(self.cell_row_gains, self.cell_col_gains, cells)
+            features = features * (1 + gain) + shift
         x = self.norm(features)
         # the unmerged map repeats a merged token over the patches it covers: its mean weights by coverage
         x = self.act(self.local(x) + self.context(x.mean(dim=(2, 3), keepdim=True)))
@@ -143,6 +148,12 @@ class SegmentationHead(nn.Module):
         if tuple(logits.shape[-2:]) != self.img_size:  # a frame that the patches do not tile exactly
             logits = F.interpolate(logits, size=self.img_size, mode="bilinear", align_corners=False)
         return logits
+
+    @staticmethod
+    def _cell_map(rows: torch.Tensor, cols: torch.Tensor, cells: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Tables `(slots, C)` of rows and columns and slots `(B, H)`, `(B, W)` -> `(B, C, H, W)`."""
+        row, col = (CELL_GAIN * table[slots] for table, slots in zip((rows, cols), cells))
+        return row.transpose(1, 2)[..., None] + col.transpose(1, 2)[:, :, None, :]
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, **kwargs) -> "SegmentationHead":

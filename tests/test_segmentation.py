@@ -243,17 +243,19 @@ def test_a_grid_cell_tells_its_patches_apart_only_where_atme_merged():
         # zero at the start: a student begins as the plain repeated map
         assert torch.equal(atme(x), atme.head(atme.backbone.feature_map(x)))
         before = {name: m(x) for name, m in (("atme", atme), ("tome", tome), ("dense", teacher))}
-        for m in (atme, tome, teacher):
-            m.head.cell_rows.normal_()
-            m.head.cell_cols.normal_()
-        assert not torch.allclose(atme(x), before["atme"])
-        assert torch.equal(tome(x), before["tome"]) and torch.equal(teacher(x), before["dense"])
+        for name in ("cell_rows", "cell_cols", "cell_row_gains", "cell_col_gains"):
+            for m in (atme, tome, teacher):
+                getattr(m.head, name).normal_()
+            assert not torch.allclose(atme(x), before["atme"]), name
+            assert torch.equal(tome(x), before["tome"]) and torch.equal(teacher(x), before["dense"])
+            for m in (atme, tome, teacher):
+                getattr(m.head, name).zero_()
     # and the fine-tune reaches them: an ATME student's loss has a gradient on the column cells
     atme.train()
-    atme.head.cell_cols.data.zero_()
+    atme.head.cell_cols.data.normal_()
     atme(x).square().mean().backward()
-    grad = atme.head.cell_cols.grad
-    assert grad is not None and grad[1:].abs().sum() > 0
+    for grad in (atme.head.cell_cols.grad, atme.head.cell_col_gains.grad):
+        assert grad is not None and grad[1:].abs().sum() > 0
 
 
 def test_a_decoder_saved_without_cell_embeddings_loads_them_at_zero_and_a_wrong_shape_is_refused():
@@ -261,7 +263,8 @@ def test_a_decoder_saved_without_cell_embeddings_loads_them_at_zero_and_a_wrong_
     teacher = tiny_teacher(spec)
     state = {k: v for k, v in teacher.state_dict().items() if "cell_" not in k}
     loaded = SEGMENTATION.from_state(DEFAULT_MODEL, None, state)
-    assert not loaded.head.cell_rows.any() and loaded.head.cell_cols.shape == teacher.head.cell_cols.shape
+    assert not loaded.head.cell_rows.any() and not loaded.head.cell_col_gains.any()
+    assert loaded.head.cell_cols.shape == teacher.head.cell_cols.shape
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), teacher(x))

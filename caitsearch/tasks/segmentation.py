@@ -153,7 +153,7 @@ def labelled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothin
     return F.cross_entropy(logits, y, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
 
 
-CELL_KEYS = (HEAD_PREFIX + "cell_rows", HEAD_PREFIX + "cell_cols")
+CELL_KEYS = tuple(HEAD_PREFIX + name for name in ("cell_rows", "cell_cols", "cell_row_gains", "cell_col_gains"))
 
 
 def _load(model: nn.Module, state: dict, name: str) -> None:
