@@ -53,6 +53,7 @@ from caitsearch.training import Recipe, Retraining, evaluate, load_teacher
 
 RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("cait", "atme", "cdcp", "tome")
+SEARCH_MINUTES = 0.01  # see search_configs
 CAIT_MERGE = "cait+merge"  # the cait search's best-ranked candidate that merges, when it deploys one that does not
 GOAL_SPEEDUP, GOAL_MIOU_DROP, GOAL_ATME_OVER_TOME = 1.3, 1.0, 3.0  # x, points, points
 
@@ -72,8 +73,12 @@ def search_configs(args, budget: float, work: Path) -> tuple[CompressionConfig, 
         study=StudyRequest(trials=args.trials), rank=RankRequest(finalists=args.finalists, tune_steps=args.tune_steps),
         measure=MeasureRequest(profile=args.profile, threads=args.threads, repeats=5),
         recipe=Recipe(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
-        retrain_top=0, minutes=0, progress=False, echo=False)
+        # the short tunes run only for something to retrain: one candidate, cut to a single step by a
+        # limit long past when it starts (the bench retrains the configs it takes with its own recipe)
+        retrain_top=1, minutes=SEARCH_MINUTES, progress=False, echo=False)
     summary = run_search(req)
+    if not summary["ranking"]["finalists"]:
+        raise CaitsearchError(f"the cait search at {budget} ran no short fine-tunes (fewer than 2 candidates within budget?)")
     ranked = sorted((c for c in summary["candidates"] if c["rank"] is not None), key=lambda c: c["rank"])
     if not ranked:
         raise CaitsearchError(f"the cait search at {budget} found no candidate within budget")

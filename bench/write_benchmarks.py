@@ -288,9 +288,14 @@ def segmentation_section(seg: dict) -> list[str]:
            f"segmentation model ({seg['teacher']['source']}) is the teacher; every compressed model (backbone + "
            "decoder) is retrained with the same recipe: distillation per pixel (KL over the classes at T=2, plus CE), "
            f"CDCP masks annealed, {length} of batch {recipe['batch_size']} on {seg['train_images']} training images. "
-           "atme, cdcp and tome use their uniform schedule predicted closest under the budget; cait is the deployed "
-           f"candidate of `search --task segmentation` ({st['trials']} trials). mIoU on {seg['test_images']} test "
-           f"images; backbone + unmerge + decoder timed at batch {st['batch']}, all models in one interleaved loop.", ""]
+           "atme, cdcp and tome use their uniform schedule predicted closest under the budget; cait is the first "
+           f"of the ranking of `search --task segmentation` ({st['trials']} trials, short tunes scored by validation "
+           "mIoU), and cait+merge (where that one merges nothing) the first of it that merges. Where ATME merged, the "
+           "decoder shifts and scales each patch's features by its place in the grid cell (`SegmentationHead`'s cell "
+           f"embeddings). mIoU on {seg['test_images']} test images; backbone + unmerge + decoder timed at batch "
+           f"{st['batch']}, all models in one interleaved loop. This invocation's searches and retrainings took "
+           f"{sum(r.get('seconds', 0) for r in seg['rows']) / 60:.0f} min (a variant whose retraining had finished in "
+           "`--work` is re-evaluated, not retrained).", ""]
     if recipe.get("steps") or (st.get("train_limit") or 10**9) < 20000:
         out += ["**A reduced run** (far shorter retraining than the protocol's default): its merging variants "
                 "have not recovered; read it as a smoke test of the protocol, not as the method's result.", ""]

@@ -165,6 +165,12 @@ def test_bench_goals_are_judged_from_the_rows():
     rows[1] = row("cait@0.7", "cait", 0.785, 1.4)  # 1.5 points below dense, below atme
     goals = bench.goals(rows, [0.7])
     assert not goals["cait_merge_fast_and_close"]["met"] and not goals["cait_over_best_single@0.7"]["met"]
+    # a deployed cait model that merges nothing cannot meet goal 1; its best-ranked merging one can
+    rows[1] = row("cait@0.7", "cait", 0.799, 1.4, 0)
+    goals = bench.goals(rows + [row("cait+merge@0.7", "cait+merge", 0.792, 1.35)], [0.7])
+    assert goals["cait_merge_fast_and_close"]["met"] and goals["cait_merge_fast_and_close"]["best"] == "cait+merge@0.7"
+    assert goals["cait_over_best_single@0.7"]["met"]
+    assert not bench.goals(rows, [0.7])["cait_merge_fast_and_close"]["met"]
 
 
 @pytest.mark.slow
