@@ -9,8 +9,8 @@ unmerge and decoder at batch 32, every model in one interleaved loop against den
 Variants, per budget (default 0.7 and 0.5 of the dense latency):
 - atme, cdcp, tome: the strategy's uniform schedule predicted closest under the budget (ToMe: the
   same r in every block, as published), retrained with the recipe;
-- cait: `caitsearch search --task segmentation --strategy cait` at the budget (its screen, short
-  tunes and choice on validation mIoU), and the deployed candidate's config retrained with the same
+- cait: `caitsearch search --task segmentation --strategy cait` at the budget (its screen, and
+  short tunes ranked by validation mIoU), and the first-ranked candidate's config retrained with the same
   recipe as the others (so the comparison is between configs, not training lengths). `--cait-config
   B=PATH` uses a config found before instead of searching;
 - cait+merge: when the search's first-ranked candidate merges nothing, the first-ranked one that
