@@ -258,12 +258,38 @@ def test_a_grid_cell_tells_its_patches_apart_only_where_atme_merged():
         assert grad is not None and grad[1:].abs().sum() > 0
 
 
+def test_the_stem_skip_starts_silent_then_reaches_every_map_and_learns_from_zero():
+    spec = spec_of()
+    x = torch.randn(2, 1, 32, 32)
+    teacher, atme = _merging_student(spec, "cols")
+    _, tome = _merging_student(spec, "tokens")
+    models = {"dense": teacher, "atme": atme, "tome": tome}
+    with torch.no_grad():
+        for name, m in models.items():  # zero at the start: the head computes what it did without the skip
+            assert torch.equal(m(x), m.head(*m.backbone.feature_cells(x))), name
+        # the stem's map is the patch tokens before any block, on the grid, whatever merges later
+        stem = teacher.backbone.embed(x)[:, spec.num_prefix_tokens:]
+        for m in models.values():
+            assert torch.allclose(m.backbone.feature_levels(x)[2].flatten(2).transpose(1, 2), stem)
+        before = {name: m(x) for name, m in models.items()}
+        for name, m in models.items():
+            m.head.stem.weight.normal_()
+            assert not torch.allclose(m(x), before[name]), name
+            m.head.stem.weight.zero_()
+    # the zero start still trains: the loss has a gradient on the skip's weights
+    atme.train()
+    atme(x).square().mean().backward()
+    assert atme.head.stem.weight.grad is not None and atme.head.stem.weight.grad.abs().sum() > 0
+
+
 def test_a_decoder_saved_without_cell_embeddings_loads_them_at_zero_and_a_wrong_shape_is_refused():
     spec = spec_of()
     teacher = tiny_teacher(spec)
-    state = {k: v for k, v in teacher.state_dict().items() if "cell_" not in k}
+    # a decoder from before the cell embeddings and the stem skip
+    state = {k: v for k, v in teacher.state_dict().items() if "cell_" not in k and ".stem." not in k}
     loaded = SEGMENTATION.from_state(DEFAULT_MODEL, None, state)
     assert not loaded.head.cell_rows.any() and not loaded.head.cell_col_gains.any()
+    assert not loaded.head.stem.weight.any() and not loaded.head.stem.bias.any()
     assert loaded.head.cell_cols.shape == teacher.head.cell_cols.shape
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():

@@ -170,12 +170,14 @@ class CaitViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, TokenLayout]:
         """Final tokens and their layout; `track` keeps ToMe's patch sources, which `feature_map` needs."""
-        v = self.vit
-        x = self.embed(x)
+        return self._blocks(self.embed(x), track)
+
+    def _blocks(self, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, TokenLayout]:
+        """Stem tokens `(B, N, C)` through every block and the final norm, with their layout."""
         grid: TokenLayout = TokenGrid(self.spec.num_prefix_tokens, *self.spec.grid, track=track)
-        for blk in v.blocks:
+        for blk in self.vit.blocks:
             x, grid = blk(x, grid)
-        return v.norm(x), grid
+        return self.vit.norm(x), grid
 
     def forward_head(self, x: torch.Tensor, grid: TokenLayout, pre_logits: bool = False) -> torch.Tensor:
         v = self.vit
@@ -203,9 +205,19 @@ class CaitViT(nn.Module):
     def feature_cells(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
         """`feature_map` and, where ATME merged, where every patch sits in its grid cell
         (`TokenGrid.cell_positions`: `(B, H)` and `(B, W)` slots); None for a dense or ToMe map."""
-        tokens, grid = self.forward_features(x, track=True)
+        return self.feature_levels(x)[:2]
+
+    def feature_levels(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """`feature_cells` and the stem's patch tokens on the grid, `(B, C, H, W)`: the one level
+        no merge has touched, which a dense head can use as a skip connection (as U-Nets do)."""
+        stem = self.embed(x)
+        tokens, grid = self._blocks(stem, track=True)
         cells = grid.cell_positions(*self.spec.grid) if isinstance(grid, TokenGrid) else None
-        return grid.unmerge(tokens, *self.spec.grid).permute(0, 3, 1, 2), cells
+        height, width = self.spec.grid
+        stem_map = stem[:, self.spec.num_prefix_tokens:].transpose(1, 2).reshape(len(x), -1, height, width)
+        return grid.unmerge(tokens, height, width).permute(0, 3, 1, 2), cells, stem_map
 
 
 Calibration = Union[torch.Tensor, Iterable]

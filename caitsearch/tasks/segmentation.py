@@ -153,14 +153,16 @@ def labelled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothin
     return F.cross_entropy(logits, y, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
 
 
-CELL_KEYS = tuple(HEAD_PREFIX + name for name in ("cell_rows", "cell_cols", "cell_row_gains", "cell_col_gains"))
+# decoder parts that start at zero (a fresh head adds nothing through them), newer than some checkpoints
+ZERO_START_KEYS = tuple(HEAD_PREFIX + name for name in (
+    "cell_rows", "cell_cols", "cell_row_gains", "cell_col_gains", "stem.weight", "stem.bias"))
 
 
 def _load(model: nn.Module, state: dict, name: str) -> None:
-    """Load strictly, except that a decoder saved before it had cell embeddings gets them at zero:
-    what a fresh one starts from, and a dense map never adds them."""
+    """Load strictly, except that a decoder saved before it had cell embeddings or the stem skip
+    gets them at zero: what a fresh one starts from, so the loaded model computes what it did."""
     own = model.state_dict()
-    state = {**{k: torch.zeros_like(own[k]) for k in CELL_KEYS if k in own and k not in state}, **state}
+    state = {**{k: torch.zeros_like(own[k]) for k in ZERO_START_KEYS if k in own and k not in state}, **state}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
