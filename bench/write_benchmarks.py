@@ -292,7 +292,8 @@ def segmentation_section(seg: dict) -> list[str]:
            f"of the ranking of `search --task segmentation` ({st['trials']} trials, short tunes scored by validation "
            "mIoU), and cait+merge (where that one merges nothing) the first of it that merges. Where ATME merged, the "
            "decoder shifts and scales each patch's features by its place in the grid cell (`SegmentationHead`'s cell "
-           f"embeddings). mIoU on {seg['test_images']} test images; backbone + unmerge + decoder timed at batch "
+           "embeddings); every decoder also adds the stem's patch tokens, which no merge has touched (its stem "
+           f"skip). mIoU on {seg['test_images']} test images; backbone + unmerge + decoder timed at batch "
            f"{st['batch']}, all models in one interleaved loop. This invocation's searches and retrainings took "
            f"{sum(r.get('seconds', 0) for r in seg['rows']) / 60:.0f} min (a variant whose retraining had finished in "
            "`--work` is re-evaluated, not retrained).", ""]
