@@ -97,6 +97,21 @@ def test_retrain_materialises_the_target_widths_and_saved_weights_reload(tmp_pat
 
 @pytest.mark.slow
 @needs_fmnist
+def test_json_output_stays_clean_while_progress_still_reaches_stderr_unless_silenced(tmp_path):
+    """A script that asks for --json still sees long work move (on stderr); --no-progress silences it."""
+    args = ["train", "--epochs", "1", "--train-limit", "64", "--batch-size", "32", "--test-limit", "32",
+            "--calib-size", "16", "--proxy-size", "16", "--val-size", "16", "--threads", "1", "--json"]
+    loud = run_cli(*args, "--out", tmp_path / "loud", env=ENV)
+    quiet = run_cli(*args, "--out", tmp_path / "quiet", "--no-progress", env=ENV)
+    for run in (loud, quiet):
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads(run.stdout)["steps"] == 2  # stdout is the one JSON object, nothing else
+    assert "epoch 1/1: 2/2 (" in loud.stderr
+    assert "2/2 (" not in quiet.stderr and "dense training: 2 optimizer steps" in quiet.stderr
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_retraining_killed_by_sigkill_resumes_from_its_last_checkpoint(tmp_path):
     ckpt = dense_checkpoint(tmp_path)
     cfg_path = tmp_path / "cfg.json"

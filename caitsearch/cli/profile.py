@@ -10,7 +10,7 @@ from ..console import print_table, say
 from ..defaults import DEFAULT_MODEL
 from ..io import check_output_dir
 from .app import app, emit_json, resumable
-from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, ThreadsOpt
+from .options import AllowForeignOpt, BatchOpt, DtypeOpt, ImgSizeOpt, JsonOpt, ModelOpt, NoProgressOpt, ThreadsOpt
 
 profile_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
 app.add_typer(profile_app, name="profile")
@@ -28,6 +28,7 @@ def profile(
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile directory (default: hw_profiles/<model>_<H>x<W>_<backend>_b<batch>_<dtype>, or that name + -<device tag> when it holds another machine's profile).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Coarser table, fewer repeats: a smoke test in seconds, not a profile to trust.")] = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="cuda backend: replay every measured module as a CUDA graph.")] = False,
+    no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure the latency of every block shape the search space can produce, on this machine.
@@ -54,7 +55,7 @@ def profile(
     from ..profile import LatencyProfile, build_profile
 
     path = build_profile(model or DEFAULT_MODEL, img_size=img_size, backend=backend, batch_size=batch_size,
-                         dtype=dtype, threads=threads, out=out_dir, quick=quick, progress=not as_json,
+                         dtype=dtype, threads=threads, out=out_dir, quick=quick, progress=not no_progress,
                          cuda_graphs=cuda_graphs)
     summary = LatencyProfile.load(path).summary()
     if as_json:
@@ -78,6 +79,7 @@ def validate(
     passes: Annotated[int, typer.Option(
         "--passes", min=1, help="Times each config is measured, in separately shuffled groups; with 2 or more the "
                                 "first pass is also scored against the second (the machine's own noise).")] = 2,
+    no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure random configs end to end and score the profile's latency predictions.
@@ -100,7 +102,7 @@ def validate(
     from ..profile import validate_profile
 
     result = validate_profile(profile_path, configs=configs, seed=seed, allow_foreign=allow_foreign,
-                              out=out_dir, progress=not as_json, strategy=strategy, passes=passes)
+                              out=out_dir, progress=not no_progress, strategy=strategy, passes=passes)
     if as_json:
         emit_json(result)
         return

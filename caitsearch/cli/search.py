@@ -11,8 +11,8 @@ from .app import app, emit_json, resumable
 from ..defaults import CALIB_SIZE, DEFAULT_MINUTES, DEFAULT_MODEL, PROXY_SIZE, VAL_SIZE
 from ..io import check_output_dir
 from .options import (
-    AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, ProfileOpt, ProxySizeOpt, StrategyOpt,
-    TaskOpt, ThreadsOpt, ValSizeOpt, check_inputs,
+    AllowForeignOpt, CalibOpt, CheckpointOpt, ImgSizeOpt, JsonOpt, ModelOpt, NoProgressOpt, ProfileOpt, ProxySizeOpt,
+    StrategyOpt, TaskOpt, ThreadsOpt, ValSizeOpt, check_inputs,
 )
 
 
@@ -62,7 +62,7 @@ def search(
     allow_foreign_profile: AllowForeignOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Run folder, resumed if it exists (default: results/<model>-b<budget>).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Search per-block ATME merges and CDCP widths under a latency budget, then re-measure, rank, retrain and report the best candidates.
@@ -118,7 +118,7 @@ def search(
         measure=MeasureRequest(profile=profile, remeasure=remeasure, repeats=repeats, threads=threads,
                                allow_foreign_profile=allow_foreign_profile),
         recipe=Recipe(epochs=epochs, batch_size=batch_size, seed=seed),
-        retrain_top=retrain_top, minutes=minutes, device=device, progress=not no_progress and not as_json, echo=not as_json,
+        retrain_top=retrain_top, minutes=minutes, device=device, progress=not no_progress, echo=not as_json,
     )
     summary = run_search(req)
     if as_json:

@@ -13,7 +13,8 @@ from ..io import check_output_dir
 from .app import app, emit_json, resumable
 from .options import (
     AllowForeignOpt, BatchOpt, BudgetOpt, CalibOpt, CheckpointOpt, ConfigOpt, DeviceOpt, ImgSizeOpt, JsonOpt, ModelOpt,
-    NumClassesOpt, PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, TaskOpt, ThreadsOpt, ValSizeOpt, check_inputs,
+    NoProgressOpt, NumClassesOpt, PretrainedOpt, ProfileOpt, ProxySizeOpt, StrategyOpt, TaskOpt, ThreadsOpt, ValSizeOpt,
+    check_inputs,
 )
 
 DataOpt = Annotated[str, typer.Option(
@@ -50,6 +51,7 @@ def train(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     allow_foreign_profile: AllowForeignOpt = False,
+    no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a dense model, or retrain a compressed config with distillation from the dense one.
@@ -113,9 +115,9 @@ def train(
     if cfg is not None and teacher.source == "random init":
         raise CaitsearchError(f"retraining needs the dense teacher: pass --checkpoint for {name}.")
     if cfg is None:  # dense training starts from whatever weights there are, or from scratch
-        metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not as_json, device=dev, task=the_task)
+        metrics = train_dense(teacher.model, splits, recipe, out_dir, progress=not no_progress, device=dev, task=the_task)
     else:
-        _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not as_json, device=dev,
+        _, metrics = retrain_compressed(teacher.model, cfg, splits, recipe, out_dir, progress=not no_progress, device=dev,
                                         task=the_task)
     if int(os.environ.get("RANK", "0")) != 0:
         return
