@@ -194,7 +194,9 @@ def strategies_section(result: dict) -> list[str]:
     meta = result.get("meta", {})
     if acc or failed:
         m = meta.get("accuracy", meta)
-        out += [f"`.venv/bin/python {m['command']}` on {m.get('cpu', 'an unrecorded CPU')}, {m['threads']} threads: "
+        # rows accumulate over invocations (one budget or strategy at a time fits a sitting): name the last one
+        out += ["`.venv/bin/python bench/strategies_bench.py --only accuracy [--budgets B ...] [--strategies S ...]` "
+                f"(the last invocation: `{m['command']}`) on {m.get('cpu', 'an unrecorded CPU')}, {m['threads']} threads: "
                 f"`caitsearch search --strategy S --budget B {' '.join(m['recipe'])}` on the embedded default model. One "
                 "recipe for every strategy: the search's defaults (trials sized to each space, 8 finalists ranked by short "
                 "fine-tunes on the validation split), the candidate chosen on validation retrained in full (no --minutes "
