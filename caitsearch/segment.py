@@ -16,6 +16,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from .compress import CaitViT
@@ -94,8 +95,8 @@ def segmentation_split(
 
 class SegmentationHead(nn.Module):
     """A light decoder on the patch map: BatchNorm; a 1x1 conv of each patch plus a projection of
-    the map's mean (global context) plus a 1x1 conv of the stem's map (the skip below); GELU; a 1x1 conv that predicts every pixel of its patch
-    (`classes * p * p` outputs, rearranged by pixel shuffle).
+    the map's mean (global context) plus a 1x1 conv of the stem's map (the skip below); GELU; a 1x1
+    conv that predicts every pixel of its patch (`classes * p * p` outputs, rearranged by pixel shuffle).
 
     Why these two parts (a one-off comparison on the dense default model, 5k training images,
     10 epochs, 1k test images): the classifier pools its class token, so single patch tokens
@@ -143,6 +144,7 @@ class SegmentationHead(nn.Module):
         self.context = nn.Conv2d(embed_dim, width, kernel_size=1, bias=False)
         self.act = nn.GELU()
         self.classify = nn.Conv2d(width, num_classes * self.patch ** 2, kernel_size=1)
+        self.stem_norm = LayerNorm2d(embed_dim, affine=False)  # no parameters: nothing new to save
         self.stem = nn.Conv2d(embed_dim, width, kernel_size=1)
         nn.init.zeros_(self.stem.weight)
         nn.init.zeros_(self.stem.bias)
@@ -159,7 +161,7 @@ class SegmentationHead(nn.Module):
         # the unmerged map repeats a merged token over the patches it covers: its mean weights by coverage
         x = self.local(x) + self.context(x.mean(dim=(2, 3), keepdim=True))
         if stem is not None:
-            x = x + self.stem(_channel_norm(stem))
+            x = x + self.stem(self.stem_norm(stem))
         x = self.act(x)
         logits = F.pixel_shuffle(self.classify(x), self.patch)
         if tuple(logits.shape[-2:]) != self.img_size:  # a frame that the patches do not tile exactly
@@ -177,15 +179,10 @@ class SegmentationHead(nn.Module):
         return cls(spec.embed_dim, spec.patch_size, spec.img_size, grid=tuple(spec.grid), **kwargs)
 
 
-def _channel_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """`(B, C, H, W)` normalised over C at every position, without parameters (a LayerNorm on a map)."""
-    x = x - x.mean(dim=1, keepdim=True)
-    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
-
-
 class SegmentationModel(nn.Module):
-    """A (compressed) backbone and a head: only `CaitViT.feature_map` is used, so any variant
-    whose tokens can be put back on the patch grid works."""
+    """A (compressed) backbone and a head: only `CaitViT.feature_levels` is used (the unmerged map,
+    ATME's cell positions, the stem's map), so any variant whose tokens can be put back on the
+    patch grid works."""
 
     def __init__(self, backbone: CaitViT, head: SegmentationHead) -> None:
         super().__init__()

@@ -22,7 +22,8 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Start from timm hub weights (needs network access).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Compression config JSON (see `caitsearch inspect --help`).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables (progress still goes to stderr).")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object on stdout instead of tables (progress still goes to stderr).")]
 NoProgressOpt = Annotated[bool, typer.Option(
     "--no-progress", help="Print no progress on stderr (a bar on a terminal, else a line every few minutes).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
