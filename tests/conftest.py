@@ -81,13 +81,18 @@ def dense_checkpoint(tmp_path_factory, fashion_mnist) -> Path:
     return out / MODEL_FILE
 
 
+SEARCH_RUN_TRIALS = 10
+
+
 @pytest.fixture(scope="session")
 def search_run(tmp_path_factory, quick_profile, dense_checkpoint) -> Path:
-    """One real search (6 trials, 2 re-measured, 1 retrained), shared by the modules that read runs:
-    treat it as read-only (copy it to change it)."""
+    """One real search (10 trials, 2 finalists, 1 retrained), shared by the modules that read runs:
+    treat it as read-only (copy it to change it). Ten trials, not fewer, so that two candidates
+    still measure within budget on a noisy CPU: the warm starts sit just under it and can
+    measure over, and the remeasure's correction then rules out the trials near them."""
     run = tmp_path_factory.mktemp("search") / "run"
     res = run_cli("search", "--budget", "0.9", "--profile", quick_profile, "--checkpoint", dense_checkpoint,
-                  "--trials", "6", "--retrain-top", "1", "--out", run, *TINY, "--json")
+                  "--trials", SEARCH_RUN_TRIALS, "--retrain-top", "1", "--out", run, *TINY, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     return run
 
