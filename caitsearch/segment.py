@@ -1,13 +1,14 @@
-"""Segmentation transfer: a dense task from real data, to check that a compressed backbone's
-unmerged patch map still serves dense heads (issue 6).
+"""Segmentation's parts: per-pixel labels from real data, the decoder on a (compressed)
+backbone's patch map, and mIoU. `tasks/segmentation.py` builds the pipeline's task from them.
 
 Labels come from Fashion-MNIST itself, so no extra data set is needed: every pixel is either
 background (class 0) or belongs to the image's item (class 1 + item class). A head must therefore
 both find the silhouette and recognise the item, from the backbone's `(B, C, Hp, Wp)` map.
 
-Every backbone gets the same recipe: it stays frozen, its feature maps of the training images are
-computed once, and only a tiny head is trained on them. Decoder training is then cheap on a CPU,
-and differences in mIoU come from the backbones, not from how long each decoder was trained.
+The pipeline trains backbone and decoder together (`caitsearch train --task segmentation`, and the
+search's retraining with pixel distillation). `train_head` is the cheap probe beside it: the
+backbone stays frozen, its maps are computed once and only a fresh head is trained on them, so
+a test can check in seconds that any backbone's map still serves a dense head.
 """
 from __future__ import annotations
 
