@@ -502,16 +502,25 @@ def test_markup_in_paths_is_written_and_shown_literally(tmp_path, request):
 
 def interrupt(args: list[str], busy: Callable[[], bool], cwd: Path, cache: Path, settle: float = 1.0,
               timeout: float = 240) -> subprocess.CompletedProcess:
-    """Start `caitsearch ARGS`, wait until `busy()` says the work is under way, then press Ctrl-C."""
+    """Start `caitsearch ARGS`, wait until `busy()` says the work is under way, then press Ctrl-C.
+    The command gets Ctrl-C's default action back, as in a user's terminal: a test run started in
+    the background (`pytest &`, nohup) would otherwise pass on an ignored SIGINT. It never outlives
+    the test: a command still running when the test fails is killed, not left to slow the rest."""
     proc = subprocess.Popen([*CLI, *args], cwd=cwd, env=environment(cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while not busy() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(settle)
-    assert proc.poll() is None, "the command finished before it could be interrupted: " + proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + timeout
+        while not busy() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(settle)
+        assert proc.poll() is None, "the command finished before it could be interrupted: " + proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
